@@ -1,0 +1,42 @@
+# One command sets up and runs the main job (`make demo`), one runs the tests (`make test`).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+WORK ?= work
+
+.PHONY: setup demo test lint format bench clean
+
+setup: $(STAMP)
+
+# Re-runs only when pyproject.toml changes. torch comes first and pinned: any looser torch
+# requirement on a fresh venv makes pip download a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	@if ! ldconfig -p | grep -q libespeak-ng.so.1; then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq espeak-ng; fi
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/mmtalker data synth --out $(WORK)/datasets/demo --overwrite
+
+test: setup lint
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: setup
+	$(BIN)/python bench/corpus.py
+
+clean:
+	rm -rf $(WORK) .pytest_cache .ruff_cache

@@ -1,0 +1,192 @@
+"""Command-line interface of the model library: ``mmtalker data ...``.
+
+The platform composes these commands into the full ``mmtalker`` command; :func:`run` is the
+boundary that turns every expected error into one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from mmtalker.errors import MMTalkerError
+
+data_app = typer.Typer(help="Make, convert and inspect datasets.", no_args_is_help=True)
+
+
+def _progress_bar(description: str) -> tuple[tqdm, Callable[[int, int], None]]:
+    bar = tqdm(desc=description, unit="seq", file=sys.stderr, dynamic_ncols=True)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    return bar, update
+
+
+@data_app.command("synth")
+def synth(
+    out: Annotated[
+        str, typer.Option("--out", "-o", help="Output dataset: a folder or s3:// URI.")
+    ] = "",
+    tiny: Annotated[bool, typer.Option("--tiny", help="Seconds-sized corpus for tests.")] = False,
+    size: Annotated[str, typer.Option(help="Preset size: tiny, demo or bench.")] = "demo",
+    speakers: Annotated[int | None, typer.Option(help="Number of speakers.")] = None,
+    sentences_per_speaker: Annotated[
+        int | None, typer.Option(help="Sentences per speaker.")
+    ] = None,
+    vertices: Annotated[
+        int | None, typer.Option(help="Face mesh vertex count (500–60000).")
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Random seed; the corpus is a pure function of it.")
+    ] = 0,
+    text: Annotated[
+        Path | None, typer.Option(help="Sentences, one per line (default: built-in).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset at --out.")] = False,
+) -> None:
+    """Synthesise a speech-motion corpus with espeak-ng and procedural faces."""
+    from mmtalker.data.synth import SynthConfig, synthesize_corpus
+
+    chosen = "tiny" if tiny else size
+    if chosen not in ("tiny", "demo", "bench"):
+        raise click.BadParameter(f"{chosen!r} is not one of tiny, demo, bench", param_hint="--size")
+    overrides = {
+        key: value
+        for key, value in dict(
+            speakers=speakers,
+            sentences_per_speaker=sentences_per_speaker,
+            num_vertices=vertices,
+            text_file=str(text) if text else None,
+        ).items()
+        if value is not None
+    }
+    config = SynthConfig.preset(chosen, seed=seed, **overrides)  # type: ignore[arg-type]
+    target = out or f"work/datasets/synthetic-{chosen}"
+    started = time.perf_counter()
+    bar, update = _progress_bar(f"synth {chosen}")
+    with bar:
+        manifest = synthesize_corpus(config, target, overwrite=overwrite, progress=update)
+    elapsed = time.perf_counter() - started
+    typer.echo(
+        f"wrote {target}: {manifest.num_sequences} sequences, "
+        f"{manifest.audio_seconds / 60:.1f} min of audio in {elapsed:.1f} s"
+    )
+    _print_info(target)
+
+
+@data_app.command("prepare")
+def prepare(
+    root: Annotated[Path, typer.Argument(help="Corpus folder (VOCASET, BIWI or own data).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output dataset: folder or s3:// URI.")],
+    layout: Annotated[
+        str | None, typer.Option(help="vocaset, biwi or folder (default: guess).")
+    ] = None,
+    topology: Annotated[
+        Path | None, typer.Option(help="Mesh file (OBJ/PLY) giving the faces.")
+    ] = None,
+    masks: Annotated[
+        Path | None, typer.Option(help="JSON file {region: [vertex indices]}.")
+    ] = None,
+    fps: Annotated[
+        float | None, typer.Option(help="Mesh frame rate (own data; default 30).")
+    ] = None,
+    val_speakers: Annotated[
+        str, typer.Option(help="Comma-separated val speakers (own data).")
+    ] = "",
+    test_speakers: Annotated[
+        str, typer.Option(help="Comma-separated test speakers (own data).")
+    ] = "",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset at --out.")] = False,
+) -> None:
+    """Convert a VOCASET, BIWI or own-data folder into shards."""
+    from mmtalker.data.layouts import PrepareOptions, detect_layout, prepare_dataset
+
+    options = PrepareOptions(
+        layout=layout or detect_layout(root),
+        topology=str(topology) if topology else None,
+        masks=str(masks) if masks else None,
+        fps=fps,
+        val_speakers=[s for s in val_speakers.split(",") if s],
+        test_speakers=[s for s in test_speakers.split(",") if s],
+    )
+    bar, update = _progress_bar(f"prepare {options.layout}")
+    with bar:
+        report = prepare_dataset(root, out, options, overwrite=overwrite, progress=update)
+    for item, reason in report.skipped:
+        typer.echo(f"skipped {item}: {reason}", err=True)
+    typer.echo(
+        f"wrote {out}: {report.manifest.num_sequences} sequences, {len(report.skipped)} skipped"
+    )
+    _print_info(out)
+
+
+@data_app.command("info")
+def info(
+    uri: Annotated[str, typer.Argument(help="Dataset folder or s3:// URI.")],
+    verify: Annotated[bool, typer.Option(help="Check every shard's checksum.")] = False,
+) -> None:
+    """Print speakers, hours, frames, vertex count and splits of a dataset."""
+    _print_info(uri, verify=verify)
+
+
+def _print_info(uri: str, verify: bool = False) -> None:
+    from mmtalker.data.shards import open_dataset
+
+    dataset = open_dataset(uri)
+    if verify:
+        dataset.verify()
+    m = dataset.manifest
+    topo = m.topology
+    regions = ", ".join(f"{k} {v}" for k, v in topo.regions.items())
+    lines = [
+        f"dataset   {m.name}  ({m.source}, schema {m.schema_version}, {m.created_by})",
+        f"location  {uri}",
+        f"audio     {m.audio_seconds / 3600:.3f} h  ({m.sample_rate} Hz)",
+        f"frames    {m.num_frames}  at {m.fps:g} fps",
+        f"mesh      {topo.num_vertices} vertices, {topo.num_faces} faces, topology {topo.id}",
+        f"regions   {regions}; UV chart: {'yes' if topo.has_uv else 'no'}",
+        f"speakers  {len(m.speakers)}: {', '.join(m.speakers)}",
+        f"shards    {len(m.shards)} ({sum(s.bytes for s in m.shards) / 2**20:.1f} MiB)"
+        + ("; checksums verified" if verify else ""),
+        f"{'split':<6} {'speakers':>8} {'sentences':>9} {'sequences':>9} {'minutes':>8} "
+        f"{'frames':>8}",
+    ]
+    for name, split in m.splits.items():
+        lines.append(
+            f"{name:<6} {len(split.speakers):>8} {len(split.sentences):>9} "
+            f"{split.num_sequences:>9} {split.audio_seconds / 60:>8.2f} {split.num_frames:>8}"
+        )
+    typer.echo("\n".join(lines))
+
+
+def run(app: typer.Typer, argv: list[str] | None = None) -> int:
+    """Run a CLI app; expected errors become ``error: ...`` on stderr and exit status 1."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except (MMTalkerError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return 1
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or exc.title
+        typer.echo(f"error: invalid {where}: {first['msg']}", err=True)
+        return 1
+    return 0

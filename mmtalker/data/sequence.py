@@ -1,0 +1,151 @@
+"""The two data types everything else speaks: a mesh topology and an audio–mesh sequence."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mmtalker.errors import DatasetError, TemplateError
+
+#: Regions every topology carries; the metrics and the loss weights are defined on them.
+REQUIRED_REGIONS = ("lips", "eyes", "upper_face", "face")
+
+
+@dataclass(frozen=True, eq=False)
+class Topology:
+    """Triangle faces shared by every mesh of a dataset, with named vertex regions and a UV chart.
+
+    ``uv`` is the slot for the chart computed by ``mmtalker.geometry``; it is ``None`` until then.
+    """
+
+    faces: np.ndarray
+    num_vertices: int
+    regions: Mapping[str, np.ndarray]
+    uv: np.ndarray | None = None
+    id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        faces = np.ascontiguousarray(self.faces, dtype=np.int32)
+        if faces.ndim != 2 or faces.shape[1] != 3 or len(faces) == 0:
+            raise TemplateError(f"faces must be a non-empty (F, 3) array, got {faces.shape}")
+        if faces.min() < 0 or faces.max() >= self.num_vertices:
+            raise TemplateError(
+                f"faces index vertices outside 0..{self.num_vertices - 1}; "
+                "the faces do not belong to this vertex count"
+            )
+        missing = [name for name in REQUIRED_REGIONS if name not in self.regions]
+        if missing:
+            raise TemplateError(
+                f"topology lacks the regions {missing}; give vertex index lists for "
+                f"{list(REQUIRED_REGIONS)}"
+            )
+        regions = {
+            name: _region_indices(name, idx, self.num_vertices)
+            for name, idx in self.regions.items()
+        }
+        uv = None
+        if self.uv is not None:
+            uv = np.ascontiguousarray(self.uv, dtype=np.float32)
+            if uv.shape != (self.num_vertices, 2):
+                raise TemplateError(f"uv must be ({self.num_vertices}, 2), got {uv.shape}")
+        object.__setattr__(self, "faces", faces)
+        object.__setattr__(self, "regions", regions)
+        object.__setattr__(self, "uv", uv)
+        digest = hashlib.sha256(faces.tobytes())
+        digest.update(str(self.num_vertices).encode())
+        object.__setattr__(self, "id", digest.hexdigest()[:16])
+
+    def region(self, name: str) -> np.ndarray:
+        """Vertex indices of a named region."""
+        if name not in self.regions:
+            raise TemplateError(
+                f"unknown region {name!r}; this topology has {sorted(self.regions)}"
+            )
+        return self.regions[name]
+
+    def with_uv(self, uv: np.ndarray) -> Topology:
+        """A copy of this topology carrying a UV chart."""
+        return Topology(self.faces, self.num_vertices, self.regions, uv)
+
+    def to_npz(self) -> bytes:
+        """Serialise to an ``.npz`` payload (plain arrays only, loadable without pickle)."""
+        arrays = {"faces": self.faces, "num_vertices": np.array(self.num_vertices)}
+        arrays.update({f"region_{name}": idx for name, idx in self.regions.items()})
+        if self.uv is not None:
+            arrays["uv"] = self.uv
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_npz(cls, payload: bytes) -> Topology:
+        """Inverse of :meth:`to_npz`."""
+        try:
+            with np.load(io.BytesIO(payload), allow_pickle=False) as data:
+                regions = {
+                    k.removeprefix("region_"): data[k]
+                    for k in data.files
+                    if k.startswith("region_")
+                }
+                uv = data["uv"] if "uv" in data.files else None
+                return cls(data["faces"], int(data["num_vertices"]), regions, uv)
+        except (OSError, KeyError, ValueError) as exc:
+            raise DatasetError(f"topology payload is not a valid topology .npz: {exc}") from exc
+
+
+def _region_indices(name: str, indices: object, num_vertices: int) -> np.ndarray:
+    idx = np.unique(np.asarray(indices, dtype=np.int64))
+    if idx.size == 0:
+        raise TemplateError(f"region {name!r} is empty")
+    if idx[0] < 0 or idx[-1] >= num_vertices:
+        raise TemplateError(f"region {name!r} has vertex indices outside 0..{num_vertices - 1}")
+    return idx.astype(np.int32)
+
+
+@dataclass(frozen=True, eq=False)
+class Sequence:
+    """One utterance: mono float32 audio and the vertex positions (T, V, 3) it drives."""
+
+    sequence_id: str
+    speaker: str
+    sentence_id: str
+    audio: np.ndarray
+    sample_rate: int
+    vertices: np.ndarray
+    fps: float
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        audio = np.ascontiguousarray(self.audio, dtype=np.float32)
+        vertices = np.ascontiguousarray(self.vertices, dtype=np.float32)
+        if audio.ndim != 1 or audio.size == 0:
+            raise DatasetError(
+                f"{self.sequence_id}: audio must be non-empty mono, got {audio.shape}"
+            )
+        if vertices.ndim != 3 or vertices.shape[2] != 3 or vertices.shape[0] == 0:
+            raise DatasetError(
+                f"{self.sequence_id}: vertices must be (T, V, 3) with T > 0, got {vertices.shape}"
+            )
+        if self.sample_rate <= 0 or self.fps <= 0:
+            raise DatasetError(f"{self.sequence_id}: sample rate and fps must be positive")
+        if not (np.isfinite(audio).all() and np.isfinite(vertices).all()):
+            raise DatasetError(f"{self.sequence_id}: audio or vertices contain NaN or infinity")
+        object.__setattr__(self, "audio", audio)
+        object.__setattr__(self, "vertices", vertices)
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.vertices.shape[0])
+
+    @property
+    def num_vertices(self) -> int:
+        return int(self.vertices.shape[1])
+
+    @property
+    def duration(self) -> float:
+        """Audio length in seconds."""
+        return self.audio.size / self.sample_rate

@@ -1,0 +1,21 @@
+"""Exceptions raised by the model library; each message says what was wrong and how to fix it."""
+
+
+class MMTalkerError(Exception):
+    """Base class for every error the library raises on purpose."""
+
+
+class SynthesisError(MMTalkerError):
+    """Speech synthesis (espeak-ng) failed or was asked for something impossible."""
+
+
+class TemplateError(MMTalkerError):
+    """A face template or its region masks are missing or malformed."""
+
+
+class DatasetError(MMTalkerError):
+    """A dataset folder, shard or manifest is missing, malformed or inconsistent."""
+
+
+class StorageError(MMTalkerError):
+    """A storage URI cannot be resolved or accessed."""

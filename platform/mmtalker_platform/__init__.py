@@ -1,0 +1,1 @@
+"""The MMTalker platform: Ray Data, Ray Train, MLflow, batch animation, serving and the CLI."""
