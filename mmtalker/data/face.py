@@ -100,35 +100,62 @@ class _Opening:
     lower: float
     cut_upper: float
     cut_lower: float
+    #: The cut may reach past the rim's ends and stay tall up to them (an exponent above 2), so
+    #: a thin slit is still cut through at its corners on coarse lattices.
+    cut_half_width: float
+    cut_power: float = 2.0
+    slit: bool = False
+
+    def _cut_frame(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        dy = y - self.cy
+        return (x - self.cx) / self.cut_half_width, np.where(
+            dy >= 0, dy / self.cut_upper, dy / self.cut_lower
+        )
 
     def inside_cut(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        u = (x - self.cx) / self.half_width
-        dy = y - self.cy
-        v = np.where(dy >= 0, dy / self.cut_upper, dy / self.cut_lower)
-        return u * u + v * v < 1.0
+        u, v = self._cut_frame(x, y)
+        return np.abs(u) ** self.cut_power + v * v < 1.0
 
     def snap(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Project rim points radially (in the cut ellipse's frame) onto the target rim."""
-        u = (x - self.cx) / self.half_width
-        dy = y - self.cy
-        v = np.where(dy >= 0, dy / self.cut_upper, dy / self.cut_lower)
-        theta = np.arctan2(v, u)
-        s = np.sin(theta)
+        """Move the opening's rim points onto the target rim, keeping their order.
+
+        Round openings (eyes) project radially. A thin slit would have its points bunched
+        towards the middle that way, leaving the corners sewn shut, so for a slit each side is
+        stretched until its outermost point lands on the corner, and every point then drops
+        vertically onto its lip.
+        """
+        u, v = self._cut_frame(x, y)
+        if self.slit:
+            dx = x - self.cx
+            reach = np.where(dx >= 0, dx.max(initial=0.0), -dx.min(initial=0.0))
+            cos = np.clip(dx / np.maximum(reach, 1e-12), -1.0, 1.0)
+            sin = np.where(v >= 0, 1.0, -1.0) * np.sqrt(1.0 - cos * cos)
+        else:
+            theta = np.arctan2(v, u)
+            cos, sin = np.cos(theta), np.sin(theta)
         return (
-            self.cx + self.half_width * np.cos(theta),
-            self.cy + np.where(s >= 0, self.upper * s, self.lower * s),
+            self.cx + self.half_width * cos,
+            self.cy + np.where(sin >= 0, self.upper * sin, self.lower * sin),
         )
 
 
 def _openings(spacing: float) -> list[_Opening]:
     # The cut must be at least about a third of a lattice row tall, or a thin slit removes no
     # triangle at coarse resolutions and the mouth would be sewn shut.
-    slit = max(MOUTH_GAP, 0.4 * spacing)
+    cut = max(MOUTH_GAP, 0.4 * spacing)
     eyes = [
-        _Opening(sx * EYE_X, EYE_Y, EYE_HALF_WIDTH, EYE_UPPER, EYE_LOWER, EYE_UPPER, EYE_LOWER)
-        for sx in (-1.0, 1.0)
-    ]
-    mouth = _Opening(0.0, MOUTH_Y, MOUTH_HALF_WIDTH, MOUTH_GAP, MOUTH_GAP, slit, slit)
+        _Opening(
+            cx=side * EYE_X, cy=EYE_Y, half_width=EYE_HALF_WIDTH, upper=EYE_UPPER,
+            lower=EYE_LOWER, cut_upper=EYE_UPPER, cut_lower=EYE_LOWER,
+            cut_half_width=EYE_HALF_WIDTH,
+        )
+        for side in (-1.0, 1.0)
+    ]  # fmt: skip
+    mouth = _Opening(
+        cx=0.0, cy=MOUTH_Y, half_width=MOUTH_HALF_WIDTH, upper=MOUTH_GAP, lower=MOUTH_GAP,
+        cut_upper=cut, cut_lower=cut, cut_half_width=MOUTH_HALF_WIDTH + 0.5 * spacing,
+        cut_power=4.0, slit=True,
+    )  # fmt: skip
     return [*eyes, mouth]
 
 
@@ -183,7 +210,8 @@ def _build(spacing: float) -> tuple[np.ndarray, np.ndarray]:
     rim = _boundary_vertices(faces)
     x, y = xy[rim, 0], xy[rim, 1]
     nearest = np.argmin(
-        [np.hypot((x - o.cx) / o.half_width, (y - o.cy) / o.cut_upper) for o in openings], axis=0
+        [np.hypot((x - o.cx) / o.cut_half_width, (y - o.cy) / o.cut_upper) for o in openings],
+        axis=0,
     )
     on_opening = [
         (nearest == k) & (np.hypot((x - o.cx) / o.half_width, (y - o.cy) / 0.03) < 1.6)
@@ -289,9 +317,9 @@ def make_chart(num_vertices: int = 5000) -> FaceChart:
     return FaceChart(xy=xy, faces=faces, regions=_regions(xy))
 
 
-def warp(chart: FaceChart, shape: FaceShape) -> np.ndarray:
-    """Vertex positions (V, 3) of a speaker's neutral face on the canonical chart."""
-    x, y = chart.xy[:, 0], chart.xy[:, 1]
+def warp_xy(xy: np.ndarray, shape: FaceShape) -> np.ndarray:
+    """Map canonical chart points (N, 2) to a speaker's face plane (N, 2)."""
+    x, y = xy[:, 0], xy[:, 1]
     # Feature-local scalings blend smoothly into a global one, so faces never fold.
     eye_w = _gauss(np.abs(x), y, EYE_X, EYE_Y, 0.016, 0.012)
     mouth_w = _gauss(x, y, 0.0, MOUTH_Y, 0.03, 0.016)
@@ -305,7 +333,13 @@ def warp(chart: FaceChart, shape: FaceShape) -> np.ndarray:
     px = x * sx + np.sign(x) * eye_w * EYE_X * (shape.eye_spacing - 1.0) * shape.width
     py = y * shape.height + eye_w * (y - EYE_Y) * (shape.eye_size - 1.0)
     py += nose_w * (y - EYE_Y) * (shape.nose_length - 1.0) * 0.5
-    return np.stack([px, py, height(chart.xy, shape)], axis=1).astype(np.float32)
+    return np.stack([px, py], axis=1)
+
+
+def warp(chart: FaceChart, shape: FaceShape) -> np.ndarray:
+    """Vertex positions (V, 3) of a speaker's neutral face on the canonical chart."""
+    xy = warp_xy(chart.xy, shape)
+    return np.concatenate([xy, height(chart.xy, shape)[:, None]], axis=1).astype(np.float32)
 
 
 def height(xy: np.ndarray, shape: FaceShape) -> np.ndarray:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from mmtalker.data import face as F
 from mmtalker.data.espeak import Phoneme
-from mmtalker.data.visemes import SPEECH_CHANNELS, articulation_curves, is_pause, is_stressed
+from mmtalker.data.visemes import SPEECH_CHANNELS, articulation_curves, is_pause, is_vowel
 
 #: All channels, speech first (in :data:`SPEECH_CHANNELS` order), then the upper face.
 CHANNELS = (*SPEECH_CHANNELS, "blink", "brow_raise")
@@ -91,8 +91,11 @@ def blendshapes(chart: F.FaceChart, shape: F.FaceShape, neutral: np.ndarray) -> 
     # Brow raise: brows lift most, the forehead follows, the upper lids a little.
     spread = np.where(y >= F.BROW_Y, 0.035, 0.012)
     shapes[6, :, 1] = 0.005 * np.exp(-0.5 * ((y - F.BROW_Y) / spread) ** 2) * (ax < 0.07)
-    shapes[:, :, 0] *= shape.width
-    shapes[:, :, 1] *= shape.height
+    # The fields above live on the canonical chart; carrying the displaced points through the
+    # speaker's warp keeps them right on every face (a blink still shuts bigger eyes).
+    rest = F.warp_xy(chart.xy, shape)
+    for channel in shapes:
+        channel[:, :2] = F.warp_xy(chart.xy + channel[:, :2], shape) - rest
     return shapes.astype(np.float32)
 
 
@@ -117,16 +120,22 @@ def blink_curve(
 def brow_curve(
     times: np.ndarray, phonemes: Sequence[Phoneme], energy: np.ndarray, question: bool
 ) -> np.ndarray:
-    """Brow raise from prosody: bumps on stressed syllables scaled by loudness, plus energy.
+    """Brow raise from prosody: bumps on prominent vowels, plus a little of the loudness.
 
-    Questions end with a rising brow, as their intonation rises.
+    espeak-ng's phoneme events carry no stress marks, so prominence is read off the audio as
+    stress is heard: the loudest, longest third of the vowels. Questions end with a rising
+    brow, as their intonation rises.
     """
     curve = 0.25 * energy
-    for ph in phonemes:
-        if is_stressed(ph.symbol):
-            centre = 0.5 * (ph.start + ph.end)
-            loud = float(np.interp(centre, times, energy))
-            curve = curve + 0.8 * loud * np.exp(-0.5 * ((times - centre) / 0.1) ** 2)
+    vowels = [ph for ph in phonemes if is_vowel(ph.symbol) and ph.end > ph.start]
+    if vowels:
+        centres = np.array([0.5 * (ph.start + ph.end) for ph in vowels])
+        loudness = np.interp(centres, times, energy)
+        prominence = loudness * np.sqrt([ph.end - ph.start for ph in vowels])
+        threshold = np.quantile(prominence, 2.0 / 3.0)
+        for centre, loud, score in zip(centres, loudness, prominence, strict=True):
+            if score >= threshold:
+                curve = curve + 0.8 * loud * np.exp(-0.5 * ((times - centre) / 0.1) ** 2)
     if question and len(times):
         curve = curve + 0.6 * F.smoothstep((times - (times[-1] - 0.5)) / 0.4)
     return np.clip(curve, 0.0, 1.2)

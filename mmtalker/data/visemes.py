@@ -86,7 +86,7 @@ _STRIP = str.maketrans("", "", "ˈˌːˑ̩̃-'")
 # Dominance of a phoneme over each channel: lips win for bilabials/labiodentals, vowels own
 # the jaw, other consonants are weak on every channel so vowel shapes carry through them.
 _STRONG_LIPS = np.array([4.0, 0.4, 0.4, 8.0, 8.0])
-_VOWEL = np.array([1.0, 1.0, 1.0, 0.5, 0.5])
+_VOWEL = np.array([1.0, 1.0, 1.0, 2.0, 2.0])
 _CONSONANT = np.array([0.5, 0.35, 0.35, 0.5, 0.5])
 _PAUSE = np.full(len(SPEECH_CHANNELS), 0.8)
 
@@ -96,16 +96,17 @@ def is_pause(symbol: str) -> bool:
     return symbol.translate(_STRIP) in ("", "_", "_:", "__", "_!")
 
 
-def is_stressed(symbol: str) -> bool:
-    """Whether espeak-ng marked the phoneme with primary stress."""
-    return "ˈ" in symbol
+def is_vowel(symbol: str) -> bool:
+    """Whether an espeak-ng phoneme symbol is a vowel (or diphthong)."""
+    clean = symbol.translate(_STRIP)
+    return any(key in _VOWELS for key in (clean, clean[:2], clean[:1]) if key)
 
 
 def viseme(symbol: str) -> tuple[np.ndarray, np.ndarray]:
     """Target (per channel) and dominance (per channel) for one IPA phoneme symbol."""
-    clean = symbol.translate(_STRIP).replace("_", "")
-    if not clean:
+    if is_pause(symbol):
         return _REST, _PAUSE
+    clean = symbol.translate(_STRIP)
     for key in (clean, clean[:2], clean[0]):
         if key in _VOWELS:
             return np.array([*_VOWELS[key], 0.0, 0.0]), _VOWEL
@@ -136,17 +137,19 @@ def articulation_curves(
         dominance.append(dom)
         centres.append(0.5 * (ph.start + ph.end))
         spans.append(max(ph.end - ph.start, 0.02))
-    # Silence before the first and after the last phoneme pulls the face back to rest.
-    first, last = phonemes[0].start, phonemes[-1].end
+    # Dominance falls off over about the phoneme's own length plus a fixed anticipation time.
+    tau = 0.5 * np.asarray(spans) + 0.035
+    # Silence before the first and after the last phoneme pulls the face back to rest; each
+    # anchor falls off as slowly as the slowest phoneme and sits that far out, so not even a
+    # long vowel outweighs it far from speech.
+    widest = float(tau.max())
     targets += [_REST, _REST]
     dominance += [_PAUSE, _PAUSE]
-    centres += [first - 0.15, last + 0.15]
-    spans += [0.2, 0.2]
+    centres += [phonemes[0].start - widest, phonemes[-1].end + widest]
+    tau = np.concatenate([tau, [widest, widest]])
     target = np.asarray(targets)
     dom = np.asarray(dominance)
     centre = np.asarray(centres)
-    # Dominance falls off over about the phoneme's own length plus a fixed anticipation time.
-    tau = 0.5 * np.asarray(spans) + 0.035
     distance = np.abs(times[:, None] - centre[None, :]) / tau[None, :]
     weight = np.exp(-(distance**1.5))[:, :, None] * dom[None, :, :]
     return (weight * target[None]).sum(axis=1) / (weight.sum(axis=1) + 1e-9)
