@@ -35,8 +35,11 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Figures, not pass/fail. accuracy.py trains two models on the > 1 h corpus: about 45 minutes.
 bench: setup
 	$(BIN)/python bench/corpus.py
+	$(BIN)/python bench/inference.py
+	$(BIN)/python bench/accuracy.py
 
 clean:
 	rm -rf $(WORK) .pytest_cache .ruff_cache

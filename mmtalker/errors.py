@@ -19,3 +19,7 @@ class DatasetError(MMTalkerError):
 
 class StorageError(MMTalkerError):
     """A storage URI cannot be resolved or accessed."""
+
+
+class AudioError(MMTalkerError):
+    """Audio is unreadable, empty or not finite."""

@@ -1,4 +1,4 @@
-"""Shared fixtures: a real S3-compatible endpoint (moto's server on 127.0.0.1) and a tiny corpus."""
+"""Shared fixtures: an S3 endpoint (moto's server on 127.0.0.1), a tiny corpus, small models."""
 
 from __future__ import annotations
 
@@ -12,9 +12,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
+import numpy as np
 import pytest
+import torch
 
+from mmtalker.data.face import FaceShape, make_chart, warp
+from mmtalker.data.sequence import Topology
 from mmtalker.data.synth import SynthConfig, synthesize_corpus
+from mmtalker.geometry.uv import attach_uv
+from mmtalker.nn.mmtalker import MMTalker, MMTalkerConfig
+from mmtalker.nn.speech import SpeechConfig
 from mmtalker.storage import S3Settings
 
 
@@ -92,3 +99,31 @@ def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return {**os.environ, **env}
+
+
+@pytest.fixture(scope="session")
+def small_config() -> MMTalkerConfig:
+    """A tiny MMTalker architecture: fast enough for unit tests."""
+    return MMTalkerConfig(
+        speech=SpeechConfig(dim=32, levels=2, n_mels=32),
+        dim=32, heads=2, clusters=(48, 12), basis=16, fourier_bands=4, head_hidden=32,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def small_face() -> tuple[dict[str, np.ndarray], Topology]:
+    """Two speakers' neutral faces (600 vertices) and their topology with a UV chart."""
+    chart = make_chart(600)
+    rng = np.random.default_rng(0)
+    templates = {f"s{i}": warp(chart, FaceShape.sample(rng)) for i in range(2)}
+    reference = np.mean(list(templates.values()), axis=0)
+    return templates, attach_uv(chart.topology(), reference)
+
+
+@pytest.fixture
+def small_model(
+    small_config: MMTalkerConfig, small_face: tuple[dict[str, np.ndarray], Topology]
+) -> MMTalker:
+    torch.manual_seed(0)
+    templates, topology = small_face
+    return MMTalker(small_config, topology, templates)

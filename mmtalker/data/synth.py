@@ -57,7 +57,7 @@ class SynthConfig(BaseModel):
         """The named corpus size with optional field overrides."""
         presets: dict[str, dict[str, object]] = {
             # Seconds to make: enough for shape, shard and quick-training tests.
-            "tiny": dict(speakers=5, sentences_per_speaker=8, num_vertices=1000),
+            "tiny": dict(speakers=7, sentences_per_speaker=12, num_vertices=1000),
             # Minutes of audio: the demo and the CI training runs.
             "demo": dict(speakers=8, sentences_per_speaker=30, num_vertices=3000),
             # Over an hour of audio from 12 speakers: where accuracy is measured.

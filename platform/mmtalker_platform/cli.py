@@ -7,6 +7,7 @@ import sys
 import typer
 
 from mmtalker.cli import data_app, run
+from mmtalker.model_cli import animate_command, evaluate_command, train
 
 app = typer.Typer(
     help="MMTalker: speech-driven 3D facial animation, trained and served at scale.",
@@ -14,6 +15,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(data_app, name="data")
+app.command("train")(train)
+app.command("evaluate")(evaluate_command)
+app.command("animate")(animate_command)
 
 
 def main() -> None:

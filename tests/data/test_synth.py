@@ -19,7 +19,7 @@ def test_tiny_corpus_has_speaker_splits_and_held_out_sentences(tiny_corpus: str)
     m = open_dataset(tiny_corpus).manifest
     assert set(m.splits) == {"train", "val", "test"}
     speakers = [set(s.speakers) for s in m.splits.values()]
-    assert sum(len(s) for s in speakers) == len(set.union(*speakers)) == 5
+    assert sum(len(s) for s in speakers) == len(set.union(*speakers)) == 7
     train_sentences = set(m.splits["train"].sentences)
     for split in ("val", "test"):
         assert train_sentences.isdisjoint(m.splits[split].sentences)

@@ -1,0 +1,135 @@
+"""Checkpoints: safetensors weights + config JSON + topology + templates, loaded without pickle.
+
+A checkpoint folder holds ``model.safetensors`` (the state dict), ``config.json`` (model kind,
+its config, frame rate, sample rate, training speakers and free-form metadata),
+``topology.npz`` (faces, regions, UV chart) and ``templates.npz`` (training speakers' neutral
+faces). Nothing is unpickled: weights are tensors, the rest is JSON or plain arrays.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ValidationError
+from safetensors.torch import load_file, save_file
+
+from mmtalker.data.sequence import Topology
+from mmtalker.errors import MMTalkerError
+from mmtalker.nn.base import AnimationModel
+from mmtalker.nn.baselines import StaticTemplate
+from mmtalker.nn.faceformer import FaceFormer
+from mmtalker.nn.mmtalker import MMTalker
+
+FORMAT_VERSION = 1
+MODELS: dict[str, type[AnimationModel]] = {
+    m.kind: m for m in (MMTalker, FaceFormer, StaticTemplate)
+}
+
+
+class CheckpointError(MMTalkerError):
+    """A checkpoint folder is missing, incomplete or does not match the code."""
+
+
+class CheckpointInfo(BaseModel):
+    """The content of ``config.json``."""
+
+    format: int
+    kind: str
+    config: dict[str, Any]
+    fps: float
+    sample_rate: int
+    speakers: list[str]
+    metadata: dict[str, Any] = {}
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model with what it needs to animate: rates, topology and speakers' faces."""
+
+    model: AnimationModel
+    fps: float
+    sample_rate: int
+    templates: dict[str, np.ndarray]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def topology(self) -> Topology:
+        return self.model.topology
+
+
+def build_model(
+    kind: str, config: dict[str, Any] | BaseModel, topology: Topology,
+    templates: dict[str, np.ndarray],
+) -> AnimationModel:  # fmt: skip
+    """Construct a model of a registered kind from its config (dict or pydantic model)."""
+    if kind not in MODELS:
+        raise CheckpointError(f"unknown model kind {kind!r}; known: {sorted(MODELS)}")
+    cls = MODELS[kind]
+    parsed = config if isinstance(config, BaseModel) else cls.config_class.model_validate(config)
+    return cls(parsed, topology, templates)
+
+
+def save_checkpoint(
+    directory: str | Path, model: AnimationModel, templates: dict[str, np.ndarray], fps: float,
+    sample_rate: int, metadata: dict[str, Any] | None = None,
+) -> Path:  # fmt: skip
+    """Write a checkpoint folder (created if needed); files are replaced atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    info = CheckpointInfo(
+        format=FORMAT_VERSION, kind=model.kind, config=model.config.model_dump(mode="json"),
+        fps=fps, sample_rate=sample_rate, speakers=model.speakers, metadata=metadata or {},
+    )  # fmt: skip
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    arrays = io.BytesIO()
+    np.savez_compressed(arrays, **{s: templates[s] for s in model.speakers})
+    outputs = {
+        "model.safetensors": None,
+        "config.json": info.model_dump_json(indent=2).encode(),
+        "topology.npz": model.topology.to_npz(),
+        "templates.npz": arrays.getvalue(),
+    }
+    for name, payload in outputs.items():
+        tmp = directory / f".{name}.tmp"
+        if payload is None:
+            save_file(state, str(tmp))
+        else:
+            tmp.write_bytes(payload)
+        tmp.replace(directory / name)
+    return directory
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load a checkpoint folder written by :func:`save_checkpoint`."""
+    directory = Path(directory)
+    missing = [
+        n for n in ("model.safetensors", "config.json", "topology.npz", "templates.npz")
+        if not (directory / n).is_file()
+    ]  # fmt: skip
+    if missing:
+        raise CheckpointError(f"{directory} is not a checkpoint: missing {', '.join(missing)}")
+    try:
+        info = CheckpointInfo.model_validate_json((directory / "config.json").read_bytes())
+    except ValidationError as exc:
+        raise CheckpointError(
+            f"{directory}/config.json is malformed: {exc.errors()[0]['msg']}"
+        ) from exc
+    if info.format != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint format {info.format} is not {FORMAT_VERSION}")
+    topology = Topology.from_npz((directory / "topology.npz").read_bytes())
+    with np.load(directory / "templates.npz", allow_pickle=False) as data:
+        templates = {name: data[name] for name in data.files}
+    model = build_model(info.kind, info.config, topology, templates)
+    try:
+        model.load_state_dict(load_file(str(directory / "model.safetensors")))
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"weights in {directory} do not fit a {info.kind} model: {exc}"
+        ) from exc
+    model.to(device).eval()
+    return Checkpoint(model, info.fps, info.sample_rate, templates, info.metadata)

@@ -1,0 +1,1 @@
+"""Face surface geometry: the UV chart, surface-point correspondence and learnable sampling."""

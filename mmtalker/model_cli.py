@@ -1,0 +1,197 @@
+"""``mmtalker train``, ``mmtalker evaluate`` and ``mmtalker animate``: the single-process model
+commands (the platform runs the same pieces on a Ray cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from mmtalker.errors import MMTalkerError
+
+#: How the published tables print each metric (vertices in metres): (label, factor).
+REPORTED = {
+    "lve": ("LVE x1e-5", 1e5),
+    "lve_l2": ("LVE-L2 mm", 1e3),
+    "eve": ("EVE x1e-5", 1e5),
+    "mve": ("MVE mm", 1e3),
+    "fdd": ("FDD x1e-7", 1e7),
+    "fdd_abs": ("|FDD| x1e-7", 1e7),
+}
+
+
+def _read_config(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text("utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise MMTalkerError(f"cannot read config {path}: {exc}") from exc
+    if not isinstance(data, dict) or not set(data) <= {"model", "train"}:
+        raise MMTalkerError(f"{path} must be a mapping with optional 'model' and 'train' sections")
+    return data
+
+
+def train(
+    data: Annotated[str, typer.Option(help="Dataset folder or s3:// URI.")],
+    out: Annotated[Path, typer.Option(help="Checkpoint folder to write.")],
+    model: Annotated[str, typer.Option(help="mmtalker or faceformer.")] = "mmtalker",
+    config: Annotated[
+        Path | None, typer.Option(help="YAML with 'model' and 'train' sections.")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (overrides the config).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per batch.")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    time_budget: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Train a model on a dataset in this process and write a checkpoint."""
+    from tqdm import tqdm
+
+    from mmtalker.checkpoint import MODELS, build_model, save_checkpoint
+    from mmtalker.data.shards import open_dataset
+    from mmtalker.geometry.uv import attach_uv
+    from mmtalker.training import TrainConfig, evaluate, fit
+
+    if model not in MODELS or model == "static":
+        raise MMTalkerError(f"--model must be mmtalker or faceformer, got {model!r}")
+    settings = _read_config(config)
+    overrides = {
+        k: v
+        for k, v in dict(
+            epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+            time_budget_s=time_budget, device=device,
+        ).items()
+        if v is not None
+    }  # fmt: skip
+    train_config = TrainConfig.model_validate({**settings.get("train", {}), **overrides})
+    dataset = open_dataset(data)
+    train_templates = {s: dataset.templates[s] for s in dataset.manifest.splits["train"].speakers}
+    reference = sum(train_templates.values()) / len(train_templates)
+    topology = (
+        dataset.topology
+        if dataset.topology.uv is not None
+        else attach_uv(dataset.topology, reference)
+    )
+    network = build_model(model, settings.get("model", {}), topology, train_templates)
+    bar = tqdm(desc=f"train {model}", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(step: int, total: int, logs: dict[str, float]) -> None:
+        bar.total = total
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{logs['loss']:.4f}")
+
+    started = time.perf_counter()
+    with bar:
+        history = fit(network, dataset, train_config, progress)
+    elapsed = time.perf_counter() - started
+    test = None
+    if "test" in dataset.manifest.splits:
+        test = evaluate(network, dataset.sequences("test"), dataset.templates).as_dict()
+    save_checkpoint(
+        out, network, train_templates, dataset.manifest.fps, dataset.manifest.sample_rate,
+        {"dataset": data, "train": train_config.model_dump(), "history": history, "test": test,
+         "seconds": elapsed},
+    )  # fmt: skip
+    last = history[-1]
+    typer.echo(f"trained {model} for {last['steps']} steps in {elapsed:.0f} s -> {out}")
+    if test is not None:
+        typer.echo(
+            "test  "
+            + "  ".join(f"{REPORTED[k][0]} {test[k] * REPORTED[k][1]:.3f}" for k in REPORTED)
+        )
+
+
+def evaluate_command(
+    data: Annotated[str, typer.Option(help="Dataset folder or s3:// URI.")],
+    checkpoint: Annotated[
+        list[Path] | None, typer.Option(help="Checkpoint folder (repeatable).")
+    ] = None,
+    baselines: Annotated[bool, typer.Option(help="Add the static-template baseline.")] = False,
+    split: Annotated[str, typer.Option(help="Split to score.")] = "test",
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the table as JSON.")
+    ] = None,
+) -> None:
+    """Score checkpoints (and baselines) on a split: LVE, EVE, MVE, FDD side by side."""
+    from mmtalker.checkpoint import build_model, load_checkpoint
+    from mmtalker.data.shards import open_dataset
+    from mmtalker.training import evaluate
+
+    dataset = open_dataset(data)
+    if split not in dataset.manifest.splits:
+        raise MMTalkerError(
+            f"{data} has no split {split!r}; it has {sorted(dataset.manifest.splits)}"
+        )
+    models = []
+    if baselines:
+        models.append(
+            ("static template", build_model("static", {}, dataset.topology, dataset.templates))
+        )
+    for folder in checkpoint or []:
+        loaded = load_checkpoint(folder)
+        if loaded.topology.id != dataset.topology.id:
+            raise MMTalkerError(f"{folder} was trained on another topology than {data}")
+        models.append((f"{loaded.model.kind} ({folder.name})", loaded.model))
+    if not models:
+        raise MMTalkerError("nothing to evaluate: give --checkpoint DIR and/or --baselines")
+    rows = {}
+    for name, network in models:
+        rows[name] = evaluate(network, dataset.sequences(split), dataset.templates).as_dict()
+    width = max(len(n) for n in rows) + 2
+    speakers = ", ".join(dataset.manifest.splits[split].speakers)
+    typer.echo(f"{split} split of {data} (speakers {speakers}); vertices in metres")
+    typer.echo("model".ljust(width) + "".join(label.rjust(13) for label, _ in REPORTED.values()))
+    for name, scores in rows.items():
+        typer.echo(
+            name.ljust(width) + "".join(f"{scores[k] * f:13.3f}" for k, (_, f) in REPORTED.items())
+        )
+    if json_out is not None:
+        json_out.write_text(json.dumps(rows, indent=2))
+
+
+def animate_command(
+    audio: Annotated[Path, typer.Argument(help="Speech audio file (wav, flac, ogg).")],
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint folder.")],
+    out: Annotated[Path, typer.Option(help="Output .npz (vertices, fps, faces, topology_id).")],
+    speaker: Annotated[str | None, typer.Option(help="Training speaker whose face to use.")] = None,
+    chunk_seconds: Annotated[float, typer.Option(help="Audio per chunk (bounds memory).")] = 20.0,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Animate one audio file with a checkpoint and write the mesh sequence."""
+    import numpy as np
+
+    from mmtalker.checkpoint import load_checkpoint
+    from mmtalker.inference import animate, load_audio
+
+    loaded = load_checkpoint(checkpoint, device)
+    name = speaker or loaded.model.speakers[0]
+    if name not in loaded.templates:
+        raise MMTalkerError(
+            f"unknown speaker {name!r}; this checkpoint has {loaded.model.speakers}"
+        )
+    samples, rate = load_audio(audio)
+    started = time.perf_counter()
+    vertices = animate(
+        samples, loaded.templates[name], loaded.model, sample_rate=rate,
+        model_sample_rate=loaded.sample_rate, fps=loaded.fps, chunk_seconds=chunk_seconds,
+        speaker=loaded.model.speakers.index(name), device=device,
+    )  # fmt: skip
+    elapsed = time.perf_counter() - started
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        out, vertices=vertices, fps=np.float32(loaded.fps), faces=loaded.topology.faces,
+        topology_id=np.str_(loaded.topology.id),
+    )  # fmt: skip
+    seconds = len(samples) / rate
+    typer.echo(
+        f"wrote {out}: {vertices.shape[0]} frames x {vertices.shape[1]} vertices for "
+        f"{seconds:.1f} s of audio in {elapsed:.2f} s "
+        f"({seconds / max(elapsed, 1e-9):.0f}x real time)"
+    )

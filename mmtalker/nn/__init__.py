@@ -1,0 +1,1 @@
+"""Neural network modules: speech encoders, mesh encoder, fusion, regression head, baselines."""

@@ -1,0 +1,59 @@
+"""What training, evaluation, checkpoints and inference need from an animation model."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+from torch import Tensor, nn
+
+from mmtalker.data.batch import Batch
+from mmtalker.data.sequence import Topology
+from mmtalker.losses import LossConfig
+
+
+class AnimationModel(nn.Module):
+    """Base of every model: built from (config, topology, training templates).
+
+    Models predict displacements from the speaker's neutral face in dataset units. Work that
+    depends only on the face (and point set) happens in :meth:`prepare`, once per face; then
+    :meth:`animate` runs per audio chunk.
+    """
+
+    kind: ClassVar[str]
+    config_class: ClassVar[type[BaseModel]]
+
+    def __init__(
+        self, config: BaseModel, topology: Topology, templates: dict[str, np.ndarray]
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.topology = topology
+        self.speakers = sorted(templates)
+        # Outputs are learnt in units of this scale (set from the training data's spread) so
+        # networks work with numbers near one whatever the dataset's length unit.
+        self.register_buffer("displacement_scale", torch.tensor(0.01))
+
+    def training_loss(self, batch: Batch, losses: LossConfig) -> tuple[Tensor, dict[str, float]]:
+        """The objective to minimise on one batch, and named scalars for logging.
+
+        The logs hold ``loss``: the model's own loss, comparable across models (objective terms
+        that only steer auxiliary parts, such as a sampler's surrogate, are left out of it).
+        """
+        raise NotImplementedError(f"{self.kind} has no trainable parameters")
+
+    def prepare(self, templates: Tensor, speakers: Tensor | None = None, points: Any = None) -> Any:
+        """Per-face state for :meth:`animate` (templates (B, V, 3))."""
+        raise NotImplementedError
+
+    def animate(self, audio: Tensor, num_frames: int, state: Any) -> Tensor:
+        """Displacements (B, T, P, 3) for audio (B, N) given the prepared face state."""
+        raise NotImplementedError
+
+    def predict(
+        self, audio: Tensor, num_frames: int, templates: Tensor, speakers: Tensor | None = None
+    ) -> Tensor:
+        """Vertex displacements (B, T, V, 3) for audio (B, N) on the given neutral faces."""
+        return self.animate(audio, num_frames, self.prepare(templates, speakers))

@@ -1,0 +1,52 @@
+"""UV regression head: a 3D displacement for any surface point and frame.
+
+displacement(p, t) = Σ_k basis_k(p) · coefficient_k(t). The basis depends only on the point
+(its UV coordinate, Fourier-encoded, and the speaker's neutral position there), so for a point
+set it is computed once and reused for every frame and chunk; per frame the head costs one small
+matrix product. The basis MLP is continuous over the chart, which is what lets one model
+animate the same face at other resolutions (a subdivided mesh, a decimated LOD).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def fourier_features(uv: Tensor, bands: int) -> Tensor:
+    """[uv, sin(2^i π uv), cos(2^i π uv)] for i < bands; (..., 2) → (..., 2 + 4·bands)."""
+    frequencies = math.pi * 2.0 ** torch.arange(bands, device=uv.device, dtype=uv.dtype)
+    angles = uv[..., None] * frequencies
+    return torch.cat([uv, angles.sin().flatten(-2), angles.cos().flatten(-2)], dim=-1)
+
+
+class UVRegressionHead(nn.Module):
+    """Point basis (B, P, K, 3) from UV + neutral position; coefficients (B, T, K) from motion."""
+
+    def __init__(self, dim: int, basis: int, bands: int, hidden: int) -> None:
+        super().__init__()
+        self.basis, self.bands = basis, bands
+        self.point_mlp = nn.Sequential(
+            nn.Linear(2 + 4 * bands + 3, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, basis * 3),
+        )
+        self.coefficients = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, basis))
+
+    def point_basis(self, uv: Tensor, neutral: Tensor) -> Tensor:
+        """uv (P, 2) or (B, P, 2) and centred neutral positions (B, P, 3) → basis."""
+        if uv.dim() == 2:
+            uv = uv.expand(neutral.shape[0], -1, -1)
+        features = torch.cat([fourier_features(uv, self.bands), neutral], dim=-1)
+        return self.point_mlp(features).unflatten(-1, (self.basis, 3))
+
+    def forward(self, motion: Tensor, basis: Tensor) -> Tensor:
+        """motion (B, T, D), basis (B, P, K, 3) → displacements (B, T, P, 3)."""
+        coefficients = self.coefficients(motion)
+        batch, frames, points = motion.shape[0], motion.shape[1], basis.shape[1]
+        flat = coefficients @ basis.permute(0, 2, 1, 3).reshape(batch, self.basis, points * 3)
+        return flat.view(batch, frames, points, 3)

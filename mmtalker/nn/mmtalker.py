@@ -1,0 +1,168 @@
+"""The MMTalker model: hierarchical speech features and mesh tokens fused by dual cross-attention,
+decoded by a UV regression head at any point set of the face, trained on learnt surface samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+
+from mmtalker.data.batch import Batch
+from mmtalker.data.sequence import Topology
+from mmtalker.errors import TemplateError
+from mmtalker.geometry.sampling import SurfaceSampler
+from mmtalker.geometry.uv import barycentric_interpolate, face_areas
+from mmtalker.losses import LossConfig, motion_losses, vertex_weights
+from mmtalker.nn.base import AnimationModel
+from mmtalker.nn.fusion import DualCrossAttentionFusion
+from mmtalker.nn.gcn import MeshEncoder
+from mmtalker.nn.head import UVRegressionHead
+from mmtalker.nn.speech import SpeechConfig, build_speech_encoder
+
+#: Metres to model units for neutral positions: a face then spans about ±1.
+POSITION_SCALE = 10.0
+
+
+class MMTalkerConfig(BaseModel):
+    """Architecture of the MMTalker model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    speech: SpeechConfig = SpeechConfig()
+    dim: int = Field(128, ge=8)
+    heads: int = Field(4, ge=1)
+    gcn_blocks: int = Field(1, ge=1)
+    clusters: tuple[int, ...] = (256, 32)
+    temporal_kernel: int = Field(5, ge=1)
+    basis: int = Field(64, ge=1)
+    fourier_bands: int = Field(6, ge=0)
+    head_hidden: int = Field(128, ge=8)
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MMTalkerConfig:
+        if self.speech.dim != self.dim:
+            raise ValueError(f"speech.dim ({self.speech.dim}) must equal dim ({self.dim})")
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        return self
+
+
+@dataclass
+class PointSet:
+    """Points on the chart to animate: UV (P, 2) and the neutral face's positions (B, P, 3)."""
+
+    uv: Tensor
+    neutral: Tensor
+
+
+@dataclass
+class FaceState:
+    """What depends only on the face: its mesh tokens and the basis of its point set."""
+
+    tokens: Tensor
+    basis: Tensor
+
+
+class MMTalker(AnimationModel):
+    """Speech (B, N) + neutral faces (B, V, 3) → displacements at any point set of the chart."""
+
+    kind = "mmtalker"
+    config_class = MMTalkerConfig
+
+    def __init__(
+        self, config: MMTalkerConfig, topology: Topology, templates: dict[str, np.ndarray]
+    ) -> None:
+        super().__init__(config, topology, templates)
+        if topology.uv is None:
+            raise TemplateError(
+                "the topology has no UV chart; attach one with mmtalker.geometry.uv.attach_uv"
+            )
+        reference = np.mean([templates[s] for s in self.speakers], axis=0)
+        self.register_buffer("faces", torch.as_tensor(topology.faces, dtype=torch.long), False)
+        self.register_buffer("uv", torch.as_tensor(topology.uv), persistent=False)
+        self.speech = build_speech_encoder(config.speech)
+        self.mesh = MeshEncoder(
+            topology.faces, topology.uv, config.dim, config.clusters, config.gcn_blocks
+        )
+        self.fusion = DualCrossAttentionFusion(
+            config.dim, config.speech.levels, config.heads, config.temporal_kernel, config.dropout
+        )
+        self.head = UVRegressionHead(
+            config.dim, config.basis, config.fourier_bands, config.head_hidden
+        )
+        self.sampler = SurfaceSampler(topology.faces, face_areas(reference, topology.faces))
+
+    def _centred(self, templates: Tensor) -> tuple[Tensor, Tensor]:
+        centroid = templates.mean(dim=1, keepdim=True)
+        return (templates - centroid) * POSITION_SCALE, centroid
+
+    def prepare(
+        self, templates: Tensor, speakers: Tensor | None = None, points: PointSet | None = None
+    ) -> FaceState:
+        """Mesh tokens and the point basis (the template's vertices unless ``points``)."""
+        centred, centroid = self._centred(templates)
+        if points is None:
+            uv, neutral = self.uv, centred
+        else:
+            uv, neutral = points.uv, (points.neutral - centroid) * POSITION_SCALE
+        return FaceState(self.mesh(centred), self.head.point_basis(uv, neutral))
+
+    def _motion(
+        self, audio: Tensor, num_frames: int, tokens: Tensor, audio_lengths: Tensor | None,
+        frame_lengths: Tensor | None,
+    ) -> Tensor:  # fmt: skip
+        levels = self.speech(audio, num_frames, audio_lengths)
+        padding = None
+        if frame_lengths is not None:
+            frames = torch.arange(num_frames, device=audio.device)
+            padding = frames[None, :] >= frame_lengths[:, None]
+        return self.fusion(levels, tokens, padding)
+
+    def animate(self, audio: Tensor, num_frames: int, state: FaceState) -> Tensor:
+        """Displacements (B, T, P, 3) in dataset units."""
+        motion = self._motion(audio, num_frames, state.tokens, None, None)
+        return self.head(motion, state.basis) * self.displacement_scale
+
+    def training_loss(self, batch: Batch, losses: LossConfig) -> tuple[Tensor, dict[str, float]]:
+        """Position/velocity loss on points drawn by the learnt sampler, plus the sampler's own.
+
+        The surface loss is importance weighted (unbiased for the area-uniform surface loss);
+        the sampler is trained to lower that estimate's variance, so it concentrates where the
+        error is, and a coverage term keeps every triangle reachable.
+        """
+        sample = self.sampler.sample(losses.points)
+        faces, index, bary = self.faces, sample.face_index, sample.bary
+        centred, _ = self._centred(batch.templates)
+        uv = barycentric_interpolate(self.uv, faces, index, bary)
+        neutral = barycentric_interpolate(centred, faces, index, bary)
+        target = barycentric_interpolate(batch.displacements, faces, index, bary)
+        motion = self._motion(
+            batch.audio, batch.num_frames, self.mesh(centred), batch.audio_lengths,
+            batch.frame_lengths,
+        )  # fmt: skip
+        pred = self.head(motion, self.head.point_basis(uv, neutral))
+        region = torch.as_tensor(
+            vertex_weights(self.topology, losses.region_weights), device=pred.device
+        )
+        region = barycentric_interpolate(region[:, None], faces, index, bary)[:, 0]
+        target = target / self.displacement_scale
+        parts = motion_losses(pred, target, batch.frame_mask(), region * sample.weight)
+        # The sampler is steered by each point's share of the surface loss (region-weighted
+        # position and velocity error), rescaled to unit mean square so its step size does not
+        # depend on the error's magnitude (the variance-optimal density is scale-free).
+        error = region * (
+            losses.position * parts.point_position + losses.velocity * parts.point_velocity
+        )
+        error = error / (error * sample.weight).pow(2).mean().sqrt().clamp_min(1e-12)
+        sampler = self.sampler.estimator_loss(sample, error)
+        coverage = self.sampler.coverage_loss()
+        position, velocity = parts.position, parts.velocity
+        surface = losses.position * position + losses.velocity * velocity
+        loss = surface + losses.sampler * sampler + losses.coverage * coverage
+        logs = {"loss": surface, "position": position, "velocity": velocity, "coverage": coverage}
+        return loss, {name: float(value.detach()) for name, value in logs.items()}

@@ -1,0 +1,128 @@
+import numpy as np
+import pytest
+import torch
+
+from mmtalker.data.batch import Batch
+from mmtalker.errors import TemplateError
+from mmtalker.geometry.uv import locate_uv, subdivide
+from mmtalker.losses import LossConfig
+from mmtalker.nn.gcn import MeshEncoder, farthest_point_clusters, mesh_edges
+from mmtalker.nn.mmtalker import MMTalker, MMTalkerConfig, PointSet
+from mmtalker.nn.speech import SpeechConfig
+
+
+def _batch(templates: dict[str, np.ndarray], frames: int = 12) -> Batch:
+    torch.manual_seed(1)
+    faces = torch.as_tensor(np.stack(list(templates.values())))
+    num_vertices = faces.shape[1]
+    return Batch(
+        audio=torch.randn(2, frames * 533) * 0.1,
+        audio_lengths=torch.tensor([frames * 533, frames * 533 - 2000]),
+        displacements=torch.randn(2, frames, num_vertices, 3) * 0.003,
+        frame_lengths=torch.tensor([frames, frames - 4]),
+        templates=faces,
+        speakers=torch.tensor([0, 1]),
+    )
+
+
+def test_predict_shapes_and_units(small_model: MMTalker, small_face: tuple) -> None:
+    templates, topology = small_face
+    batch = _batch(templates)
+    out = small_model.eval().predict(batch.audio, 12, batch.templates)
+    assert out.shape == (2, 12, topology.num_vertices, 3)
+    assert torch.isfinite(out).all()
+
+
+def test_training_loss_reaches_every_part_and_the_sampler(
+    small_model: MMTalker, small_face: tuple
+) -> None:
+    loss, logs = small_model.train().training_loss(_batch(small_face[0]), LossConfig(points=64))
+    loss.backward()
+    assert set(logs) >= {"loss", "position", "velocity", "coverage"}
+    for name in ("speech", "mesh", "fusion", "head"):
+        grads = [p.grad for n, p in small_model.named_parameters() if n.startswith(name + ".")]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), name
+    assert small_model.sampler.logits.grad.abs().sum() > 0
+
+
+def test_padding_frames_do_not_change_the_loss(small_model: MMTalker, small_face: tuple) -> None:
+    small_model.eval()
+    batch = _batch(small_face[0])
+    torch.manual_seed(5)
+    first = small_model.training_loss(batch, LossConfig(points=64))[1]["loss"]
+    batch.displacements[1, 8:] = 1.0  # beyond frame_lengths[1] = 8
+    torch.manual_seed(5)
+    second = small_model.training_loss(batch, LossConfig(points=64))[1]["loss"]
+    assert first == pytest.approx(second, rel=1e-5)
+
+
+def test_prepared_state_is_reused_across_chunks(small_model: MMTalker, small_face: tuple) -> None:
+    templates = small_face[0]
+    batch = _batch(templates)
+    small_model.eval()
+    state = small_model.prepare(batch.templates)
+    with torch.no_grad():
+        direct = small_model.predict(batch.audio, 12, batch.templates)
+        reused = small_model.animate(batch.audio, 12, state)
+    torch.testing.assert_close(direct, reused)
+    assert state.basis.shape[:2] == (2, small_face[1].num_vertices)
+
+
+def test_point_set_at_the_vertices_equals_the_vertex_prediction(
+    small_model: MMTalker, small_face: tuple
+) -> None:
+    templates, topology = small_face
+    batch = _batch(templates)
+    small_model.eval()
+    points = PointSet(torch.as_tensor(topology.uv), batch.templates)
+    with torch.no_grad():
+        at_points = small_model.animate(
+            batch.audio, 12, small_model.prepare(batch.templates, None, points)
+        )
+        at_vertices = small_model.predict(batch.audio, 12, batch.templates)
+    torch.testing.assert_close(at_points, at_vertices)
+
+
+def test_animates_a_subdivided_mesh(small_model: MMTalker, small_face: tuple) -> None:
+    """A model of the base mesh drives a 4x subdivided one; its base vertices move alike."""
+    templates, topology = small_face
+    template = templates["s0"]
+    vertices, faces, uv = subdivide(template, topology.faces, topology.uv, iterations=1)
+    assert len(faces) == 4 * len(topology.faces)
+    face_index, bary = locate_uv(topology.uv, topology.faces, uv)
+    base = torch.as_tensor(template)[None]
+    points = PointSet(torch.as_tensor(uv), torch.as_tensor(vertices)[None])
+    audio = torch.randn(1, 8000) * 0.1
+    small_model.eval()
+    with torch.no_grad():
+        fine = small_model.animate(audio, 15, small_model.prepare(base, None, points))
+        coarse = small_model.predict(audio, 15, base)
+    assert fine.shape == (1, 15, len(vertices), 3)
+    torch.testing.assert_close(fine[:, :, : topology.num_vertices], coarse, rtol=1e-4, atol=1e-7)
+    assert len(face_index) == len(vertices) and np.allclose(bary.sum(1), 1)
+
+
+def test_requires_a_uv_chart(small_config: MMTalkerConfig, small_face: tuple) -> None:
+    templates, topology = small_face
+    bare = type(topology)(topology.faces, topology.num_vertices, topology.regions)
+    with pytest.raises(TemplateError, match="UV chart"):
+        MMTalker(small_config, bare, templates)
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match=r"speech\.dim"):
+        MMTalkerConfig(dim=64)
+    with pytest.raises(ValueError, match="divisible"):
+        MMTalkerConfig(dim=30, heads=4, speech=SpeechConfig(dim=30))
+
+
+def test_mesh_hierarchy(small_face: tuple) -> None:
+    templates, topology = small_face
+    edges = mesh_edges(topology.faces)
+    assert edges.shape[0] == 2 and (edges[0] != edges[1]).all()
+    clusters = farthest_point_clusters(topology.uv, 12)
+    assert set(clusters) == set(range(12))
+    encoder = MeshEncoder(topology.faces, topology.uv, 16, (40, 10), blocks=1)
+    tokens = encoder(torch.as_tensor(np.stack(list(templates.values()))) * 10)
+    assert tokens.shape == (2, 10, 16)
+    assert not torch.allclose(tokens[0], tokens[1])  # different faces, different tokens

@@ -1,0 +1,352 @@
+"""Speech encoders: the light log-mel encoder and tiny random wav2vec2/HuBERT/WavLM backbones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+from transformers import (
+    AutoModel,
+    BertConfig,
+    HubertConfig,
+    Wav2Vec2Config,
+    Wav2Vec2FeatureExtractor,
+    WavLMConfig,
+)
+
+from mmtalker.errors import MMTalkerError
+from mmtalker.nn.speech import (
+    LightSpeechEncoder,
+    PretrainedSpeechEncoder,
+    SpeechConfig,
+    _standardize,
+    build_speech_encoder,
+    resample_frames,
+)
+
+# transformers' WavLM attention mixes a float bias with a boolean padding mask; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
+
+SR = 16000
+# (config class, feat_extract_norm): both input conventions, all three model families.
+BACKBONES = {
+    "wav2vec2": (Wav2Vec2Config, "layer"),
+    "hubert": (HubertConfig, "group"),
+    "wavlm": (WavLMConfig, "layer"),
+}
+
+
+def speechlike(seconds: float, seed: int = 0, batch: int = 1) -> torch.Tensor:
+    """Amplitude-modulated noise with a drifting tone: broadband, non-stationary, deterministic."""
+    gen = torch.Generator().manual_seed(seed)
+    n = round(seconds * SR)
+    t = torch.arange(n) / SR
+    envelope = 0.5 + 0.5 * torch.sin(2 * torch.pi * 3.0 * t + seed)
+    tone = torch.sin(2 * torch.pi * (150 + 40 * torch.sin(2 * torch.pi * 0.7 * t)) * t)
+    noise = torch.randn(batch, n, generator=gen)
+    return (envelope * (0.3 * tone + 0.1 * noise)).float()
+
+
+def light(**overrides: object) -> LightSpeechEncoder:
+    torch.manual_seed(0)
+    encoder = build_speech_encoder(SpeechConfig(dim=32, **overrides))
+    assert isinstance(encoder, LightSpeechEncoder)
+    return encoder.eval()
+
+
+def save_backbone(directory: Path, kind: str) -> Path:
+    config_class, norm = BACKBONES[kind]
+    config = config_class(
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16, 16, 16),
+        conv_kernel=(10, 8, 8),
+        conv_stride=(5, 8, 8),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        feat_extract_norm=norm,
+        do_stable_layer_norm=norm == "layer",
+        num_buckets=16,
+        vocab_size=8,
+    )
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("backbones")
+    return {kind: save_backbone(root / kind, kind) for kind in BACKBONES}
+
+
+def pretrained(path: Path, **overrides: object) -> PretrainedSpeechEncoder:
+    torch.manual_seed(0)
+    encoder = build_speech_encoder(
+        SpeechConfig(kind="pretrained", path=str(path), dim=24, **overrides)
+    )
+    assert isinstance(encoder, PretrainedSpeechEncoder)
+    return encoder
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm())
+
+
+# --- configuration and shared pieces ---------------------------------------------------------
+
+
+def test_config_rejects_inconsistent_settings() -> None:
+    with pytest.raises(ValidationError, match="needs path"):
+        SpeechConfig(kind="pretrained")
+    with pytest.raises(ValidationError, match="one hidden-state index per level"):
+        SpeechConfig(layers=[1, 2], levels=3)
+    with pytest.raises(ValidationError, match="sorted"):
+        SpeechConfig(layers=[3, 1], levels=2)
+    with pytest.raises(ValidationError, match="greater than or equal to 2"):
+        SpeechConfig(max_chunk_seconds=1.5)
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        SpeechConfig(hidden=12)
+
+
+def test_resample_frames_is_interpolate_when_frames_tile_the_audio() -> None:
+    x = torch.randn(2, 37, 5)
+    for num_frames in (1, 10, 37, 90):
+        expected = F.interpolate(
+            x.transpose(1, 2), size=num_frames, mode="linear", align_corners=False
+        ).transpose(1, 2)
+        torch.testing.assert_close(resample_frames(x, num_frames, 37.0), expected)
+
+
+# --- light encoder --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_frames", [1, 7, 30, 75])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_light_shapes(num_frames: int, batch: int) -> None:
+    out = light()(speechlike(1.3, batch=batch), num_frames)
+    assert len(out) == 3
+    for level in out:
+        assert level.shape == (batch, num_frames, 32)
+        assert torch.isfinite(level).all()
+
+
+@pytest.mark.parametrize("samples", [1, 159, 161, 12345, SR - 1, SR + 1])
+def test_light_odd_and_tiny_lengths(samples: int) -> None:
+    audio = speechlike(samples / SR)
+    assert audio.shape[1] == samples
+    out = light(levels=2)(audio, 5)
+    assert [level.shape for level in out] == [(1, 5, 32)] * 2
+    assert all(torch.isfinite(level).all() for level in out)
+
+
+def test_light_is_deterministic() -> None:
+    audio = speechlike(2.0, batch=2)
+    first = light()(audio, 50)
+    second = light()(audio, 50)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_light_padded_batch_matches_unpadded() -> None:
+    short, long = speechlike(1.0, seed=1), speechlike(2.0, seed=2)
+    # Garbage in the padding must not matter: only audio_lengths says what is speech.
+    batch = torch.cat([torch.cat([short, torch.randn(1, SR)], dim=1), long])
+    lengths = torch.tensor([SR, 2 * SR])
+    encoder = light()
+    together = encoder(batch, 60, audio_lengths=lengths)
+    alone_short = encoder(short, 30)
+    alone_long = encoder(long, 60)
+    # Masking makes padding look like the zero padding of an unpadded signal, so the match holds
+    # right up to the end of the shorter utterance.
+    for level, a, b in zip(together, alone_short, alone_long, strict=True):
+        assert relative(level[0, :30], a[0]) < 1e-5
+        assert relative(level[1], b[0]) < 1e-5
+
+
+def test_light_receptive_field_grows_with_depth() -> None:
+    audio = speechlike(3.0, seed=3)
+    # Swap the halves of the last second: the signal there changes, the per-band statistics
+    # hardly do, so outside a level's reach only the normalisation moves the features a little.
+    cut, half = 2 * SR, SR // 2
+    swapped = torch.cat([audio[:, :cut], audio[:, cut + half :], audio[:, cut : cut + half]], 1)
+    encoder = light(levels=3)
+    with torch.no_grad():
+        before, after = encoder(audio, 300), encoder(swapped, 300)  # frame k: [10k, 10k + 10) ms
+
+    def change(frames: slice) -> list[float]:
+        """Per level: change in these frames over the change in frames beyond every reach."""
+        return [
+            relative(b[:, frames], a[:, frames]) / relative(b[:, :30], a[:, :30])
+            for a, b in zip(before, after, strict=True)
+        ]
+
+    # 100-250 ms before the swap: out of level 0's reach (~90 ms), within level 1's (~330 ms).
+    near = change(slice(175, 190))
+    assert near[2] > near[1] > 3 * near[0]
+    # 0.4-1 s before: only level 2 (~1.3 s) reaches.
+    far = change(slice(100, 160))
+    assert far[2] > 3 * max(far[0], far[1])
+
+
+def test_light_rejects_bad_inputs() -> None:
+    encoder = light()
+    with pytest.raises(ValueError, match="batch, samples"):
+        encoder(torch.zeros(SR), 10)
+    with pytest.raises(ValueError, match="num_frames"):
+        encoder(torch.zeros(1, SR), 0)
+    with pytest.raises(ValueError, match="one length per item"):
+        encoder(torch.zeros(2, SR), 10, audio_lengths=torch.tensor([SR]))
+    with pytest.raises(ValueError, match=r"lie in 1\.\.16000"):
+        encoder(torch.zeros(2, SR), 10, audio_lengths=torch.tensor([SR, SR + 1]))
+
+
+def test_light_trains_end_to_end() -> None:
+    encoder = light().train()
+    sum(level.square().mean() for level in encoder(speechlike(1.0), 30)).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())
+
+
+# --- pretrained encoders --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", list(BACKBONES))
+def test_pretrained_shapes(backbones: dict[str, Path], kind: str) -> None:
+    encoder = pretrained(backbones[kind]).eval()
+    assert encoder.layers == [2, 2, 3]  # upper half of 3 layers, deepest last
+    audio = speechlike(1.01, batch=2)
+    for num_frames in (1, 25, 60):
+        out = encoder(audio, num_frames, audio_lengths=torch.tensor([SR, audio.shape[1]]))
+        assert [level.shape for level in out] == [(2, num_frames, 24)] * 3
+        assert all(torch.isfinite(level).all() for level in out)
+
+
+def test_pretrained_explicit_layers(backbones: dict[str, Path]) -> None:
+    encoder = pretrained(backbones["hubert"], layers=[0, 3], levels=2)
+    assert [level.shape for level in encoder(speechlike(0.5), 12)] == [(1, 12, 24)] * 2
+    with pytest.raises(MMTalkerError, match="exceed the 3 layers"):
+        pretrained(backbones["hubert"], layers=[1, 4], levels=2)
+
+
+def test_frozen_backbone_gets_no_gradients(backbones: dict[str, Path]) -> None:
+    encoder = pretrained(backbones["wav2vec2"]).train()
+    assert not encoder.backbone.training
+    sum(level.square().mean() for level in encoder(speechlike(0.6), 20)).backward()
+    assert all(p.grad is None for p in encoder.backbone.parameters())
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.projections.parameters()
+    )
+
+
+def test_unfrozen_backbone_trains(backbones: dict[str, Path]) -> None:
+    encoder = pretrained(backbones["wavlm"], freeze=False).train()
+    assert encoder.backbone.training
+    sum(level.square().mean() for level in encoder(speechlike(1.0), 20)).backward()
+    grads = [p.grad for p in encoder.backbone.encoder.parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    encoder.eval()
+    assert not encoder.backbone.training
+
+
+def test_train_keeps_frozen_backbone_in_eval(backbones: dict[str, Path]) -> None:
+    encoder = pretrained(backbones["hubert"])
+    encoder.train()
+    assert encoder.training and encoder.projections.training
+    assert not any(module.training for module in encoder.backbone.modules())
+    audio = speechlike(0.5)
+    # Eval mode means no dropout: two training-mode passes agree.
+    for a, b in zip(encoder(audio, 10), encoder(audio, 10), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["wav2vec2", "wavlm"])
+def test_pretrained_padded_batch_with_attention_mask(backbones: dict[str, Path], kind: str) -> None:
+    encoder = pretrained(backbones[kind]).eval()
+    assert encoder.use_attention_mask and encoder.normalize
+    short, long = speechlike(1.0, seed=1), speechlike(2.0, seed=2)
+    batch = torch.cat([F.pad(short, (0, SR)), long])
+    with torch.no_grad():
+        together = encoder(batch, 50, audio_lengths=torch.tensor([SR, 2 * SR]))
+        alone = encoder(short, 25)
+    for level, a in zip(together, alone, strict=True):
+        assert relative(level[0, :25], a[0]) < 1e-5
+
+
+def test_normalisation_matches_feature_extractor() -> None:
+    audio = [np.random.default_rng(0).normal(3.0, 2.0, n).astype(np.float32) for n in (900, 1600)]
+    extractor = Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
+    expected = extractor(audio, sampling_rate=SR, padding=True, return_tensors="pt")
+    batch = torch.stack([F.pad(torch.from_numpy(a), (0, 1600 - len(a))) for a in audio])
+    mask = expected["attention_mask"].float()
+    torch.testing.assert_close(_standardize(batch, mask), expected["input_values"])
+
+
+def test_preprocessor_config_overrides_model_defaults(
+    backbones: dict[str, Path], tmp_path: Path
+) -> None:
+    directory = save_backbone(tmp_path / "m", "hubert")
+    Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(
+        directory
+    )
+    encoder = pretrained(directory)
+    assert encoder.normalize and encoder.use_attention_mask
+    plain = pretrained(backbones["hubert"])
+    assert not plain.normalize and not plain.use_attention_mask
+
+    Wav2Vec2FeatureExtractor(sampling_rate=8000).save_pretrained(directory)
+    with pytest.raises(MMTalkerError, match="expects 8000 Hz"):
+        pretrained(directory)
+
+
+def test_chunked_audio(backbones: dict[str, Path]) -> None:
+    whole = pretrained(backbones["wav2vec2"], layers=[0, 3], levels=2).eval()
+    chunked = pretrained(backbones["wav2vec2"], layers=[0, 3], levels=2, max_chunk_seconds=2.5)
+    chunked.eval()
+    short = speechlike(1.5)
+    for a, b in zip(whole(short, 40), chunked(short, 40), strict=True):
+        assert torch.equal(a, b)
+
+    # 4.5 s at 50 frames per second: chunks [0, 125), [75, 200), [150, 225), cross-faded over
+    # [75, 125) and [150, 200). Hidden state 0 only sees +-9 frames (convolutions and the
+    # positional convolution), so away from chunk edges it must equal the unchunked features.
+    audio = speechlike(4.5, batch=2)
+    lengths = torch.tensor([4 * SR, audio.shape[1]])
+    with torch.no_grad():
+        out = chunked(audio, 225, audio_lengths=lengths)
+        reference = whole(audio, 225, audio_lengths=lengths)
+    assert [level.shape for level in out] == [(2, 225, 24)] * 2
+    assert all(torch.isfinite(level).all() for level in out)
+    away = torch.ones(225, dtype=torch.bool)
+    for edge in (75, 125, 150, 200):
+        away[edge - 10 : edge + 10] = False
+    torch.testing.assert_close(out[0][:, away], reference[0][:, away], atol=1e-5, rtol=1e-4)
+    assert relative(out[0], reference[0]) < 0.05
+
+
+def test_missing_or_wrong_model_folders(tmp_path: Path) -> None:
+    with pytest.raises(MMTalkerError, match=r"does not exist.*download"):
+        pretrained(tmp_path / "nowhere")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MMTalkerError, match="is not a folder"):
+        pretrained(tmp_path / "file")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MMTalkerError, match=r"no config\.json"):
+        pretrained(tmp_path / "empty")
+    BertConfig(hidden_size=8, num_hidden_layers=1).save_pretrained(tmp_path / "bert")
+    with pytest.raises(MMTalkerError, match="'bert' model"):
+        pretrained(tmp_path / "bert")
+    Wav2Vec2Config().save_pretrained(tmp_path / "weightless")
+    with pytest.raises(MMTalkerError, match="cannot load the weights"):
+        pretrained(tmp_path / "weightless")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text(json.dumps({"model_type": "nonsense"}))
+    with pytest.raises(MMTalkerError, match="cannot read"):
+        pretrained(tmp_path / "broken")

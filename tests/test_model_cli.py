@@ -1,0 +1,91 @@
+"""``mmtalker train``, ``evaluate`` and ``animate`` through the installed console script."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import yaml
+
+from mmtalker.data.shards import open_dataset
+
+MMTALKER = str(Path(sys.executable).with_name("mmtalker"))
+SMALL = {
+    "model": {
+        "speech": {"dim": 32, "levels": 2, "n_mels": 32},
+        "dim": 32, "heads": 2, "clusters": [48, 12], "basis": 16, "fourier_bands": 4,
+        "head_hidden": 32,
+    },
+    "train": {"batch_size": 4, "learning_rate": 0.003, "warmup_steps": 5},
+}  # fmt: skip
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([MMTALKER, *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_corpus: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("ck")
+    config = folder / "small.yaml"
+    config.write_text(yaml.safe_dump(SMALL))
+    result = _run(
+        "train", "--data", tiny_corpus, "--out", str(folder / "mmtalker"), "--config", str(config),
+        "--epochs", "2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "trained mmtalker" in result.stdout and "LVE" in result.stdout
+    return folder / "mmtalker"
+
+
+def test_evaluate_prints_one_table_with_baselines(tiny_corpus: str, checkpoint: Path) -> None:
+    result = _run("evaluate", "--data", tiny_corpus, "--checkpoint", str(checkpoint), "--baselines")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("model"))
+    assert all(k in header for k in ("LVE", "EVE", "MVE", "FDD"))
+    assert any(line.startswith("static template") for line in lines)
+    assert any(line.startswith("mmtalker (") for line in lines)
+
+
+def test_animate_writes_a_mesh_sequence(tiny_corpus: str, checkpoint: Path, tmp_path: Path) -> None:
+    seq = next(open_dataset(tiny_corpus).sequences("test"))
+    wav = tmp_path / "speech.wav"
+    stereo = np.stack([seq.audio, seq.audio], axis=1)
+    sf.write(wav, stereo, 16000)
+    out = tmp_path / "out.npz"
+    result = _run("animate", str(wav), "--checkpoint", str(checkpoint), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    with np.load(out, allow_pickle=False) as data:
+        assert data["vertices"].shape == (seq.num_frames, seq.num_vertices, 3)
+        assert float(data["fps"]) == 30.0 and data["faces"].shape[1] == 3
+    assert "real time" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ("animate", "/no/such.wav", "--checkpoint", "/no/ck", "--out", "x.npz"),
+            "not a checkpoint",
+        ),
+        (("evaluate", "--data", "/no/data"), "dataset not found"),
+        (("train", "--data", "/no/data", "--out", "x", "--model", "static"), "--model"),
+    ],
+)
+def test_bad_input_is_one_line(args: tuple[str, ...], message: str) -> None:
+    result = _run(*args)
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unreadable_audio(checkpoint: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF not really a wav")
+    result = _run(
+        "animate", str(bad), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o.npz")
+    )
+    assert result.returncode == 1 and "cannot read audio" in result.stderr
