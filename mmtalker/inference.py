@@ -106,4 +106,5 @@ def animate(
         out[start + blend : stop] = disp[blend:]
     assert out is not None
     base = np.asarray(template, np.float32) if points is None else points.neutral[0].cpu().numpy()
-    return out + base[None]
+    out += base[None]  # in place: the output is the largest array of a long clip
+    return out

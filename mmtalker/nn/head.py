@@ -44,9 +44,12 @@ class UVRegressionHead(nn.Module):
         features = torch.cat([fourier_features(uv, self.bands), neutral], dim=-1)
         return self.point_mlp(features).unflatten(-1, (self.basis, 3))
 
-    def forward(self, motion: Tensor, basis: Tensor) -> Tensor:
-        """motion (B, T, D), basis (B, P, K, 3) → displacements (B, T, P, 3)."""
-        coefficients = self.coefficients(motion)
+    def forward(self, motion: Tensor, basis: Tensor, scale: Tensor | float = 1.0) -> Tensor:
+        """motion (B, T, D), basis (B, P, K, 3) → displacements (B, T, P, 3) times ``scale``.
+
+        The scale multiplies the (B, T, K) coefficients, not the much larger output.
+        """
+        coefficients = self.coefficients(motion) * scale
         batch, frames, points = motion.shape[0], motion.shape[1], basis.shape[1]
         flat = coefficients @ basis.permute(0, 2, 1, 3).reshape(batch, self.basis, points * 3)
         return flat.view(batch, frames, points, 3)

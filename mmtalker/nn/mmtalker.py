@@ -126,7 +126,7 @@ class MMTalker(AnimationModel):
     def animate(self, audio: Tensor, num_frames: int, state: FaceState) -> Tensor:
         """Displacements (B, T, P, 3) in dataset units."""
         motion = self._motion(audio, num_frames, state.tokens, None, None)
-        return self.head(motion, state.basis) * self.displacement_scale
+        return self.head(motion, state.basis, self.displacement_scale)
 
     def training_loss(self, batch: Batch, losses: LossConfig) -> tuple[Tensor, dict[str, float]]:
         """Position/velocity loss on points drawn by the learnt sampler, plus the sampler's own.
