@@ -14,6 +14,14 @@ from mmtalker.data.sequence import Topology
 from mmtalker.losses import LossConfig
 
 
+def check_attention_widths(speech_dim: int, dim: int, heads: int) -> None:
+    """Config rule of every attention model: speech features of width ``dim`` split into heads."""
+    if speech_dim != dim:
+        raise ValueError(f"speech.dim ({speech_dim}) must equal dim ({dim})")
+    if dim % heads:
+        raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+
+
 class AnimationModel(nn.Module):
     """Base of every model: built from (config, topology, training templates).
 

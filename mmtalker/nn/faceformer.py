@@ -20,7 +20,7 @@ from mmtalker.data.batch import Batch
 from mmtalker.data.sequence import Topology
 from mmtalker.errors import MMTalkerError, TemplateError
 from mmtalker.losses import LossConfig, motion_losses, vertex_weights
-from mmtalker.nn.base import AnimationModel
+from mmtalker.nn.base import AnimationModel, check_attention_widths
 from mmtalker.nn.speech import SpeechConfig, build_speech_encoder
 
 
@@ -40,10 +40,7 @@ class FaceFormerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> FaceFormerConfig:
-        if self.speech.dim != self.dim:
-            raise ValueError(f"speech.dim ({self.speech.dim}) must equal dim ({self.dim})")
-        if self.dim % self.heads:
-            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        check_attention_widths(self.speech.dim, self.dim, self.heads)
         if self.dim % 2:
             raise ValueError(f"dim ({self.dim}) must be even for the sinusoidal encoding")
         return self

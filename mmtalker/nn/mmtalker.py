@@ -17,7 +17,7 @@ from mmtalker.errors import TemplateError
 from mmtalker.geometry.sampling import SurfaceSampler
 from mmtalker.geometry.uv import barycentric_interpolate, face_areas
 from mmtalker.losses import LossConfig, motion_losses, vertex_weights
-from mmtalker.nn.base import AnimationModel
+from mmtalker.nn.base import AnimationModel, check_attention_widths
 from mmtalker.nn.fusion import DualCrossAttentionFusion
 from mmtalker.nn.gcn import MeshEncoder
 from mmtalker.nn.head import UVRegressionHead
@@ -45,10 +45,7 @@ class MMTalkerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> MMTalkerConfig:
-        if self.speech.dim != self.dim:
-            raise ValueError(f"speech.dim ({self.speech.dim}) must equal dim ({self.dim})")
-        if self.dim % self.heads:
-            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        check_attention_widths(self.speech.dim, self.dim, self.heads)
         return self
 
 
