@@ -24,8 +24,10 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/mmtalker data synth --out $(WORK)/datasets/demo --overwrite
 
+# One thread per test process: the suite is many small ops, and on 2 cores torch's default
+# thread pool stalled under any other load (23 min instead of under 3).
 test: setup lint
-	$(BIN)/pytest
+	OMP_NUM_THREADS=1 $(BIN)/pytest
 
 lint: setup
 	$(BIN)/ruff check .
