@@ -9,6 +9,7 @@ faces). Nothing is unpickled: weights are tensors, the rest is JSON or plain arr
 from __future__ import annotations
 
 import io
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mmtalker.data.sequence import Topology
@@ -122,11 +124,15 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     if info.format != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint format {info.format} is not {FORMAT_VERSION}")
     topology = Topology.from_npz((directory / "topology.npz").read_bytes())
-    with np.load(directory / "templates.npz", allow_pickle=False) as data:
-        templates = {name: data[name] for name in data.files}
+    try:
+        with np.load(directory / "templates.npz", allow_pickle=False) as data:
+            templates = {name: data[name] for name in data.files}
+        weights = load_file(str(directory / "model.safetensors"))
+    except (OSError, ValueError, zipfile.BadZipFile, SafetensorError) as exc:
+        raise CheckpointError(f"{directory} holds a corrupt file: {exc}") from exc
     model = build_model(info.kind, info.config, topology, templates)
     try:
-        model.load_state_dict(load_file(str(directory / "model.safetensors")))
+        model.load_state_dict(weights)
     except RuntimeError as exc:
         raise CheckpointError(
             f"weights in {directory} do not fit a {info.kind} model: {exc}"

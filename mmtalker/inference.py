@@ -17,7 +17,7 @@ import soundfile as sf
 import soxr
 import torch
 
-from mmtalker.errors import AudioError
+from mmtalker.errors import AudioError, MMTalkerError
 from mmtalker.nn.base import AnimationModel
 
 
@@ -80,14 +80,17 @@ def animate(
     ``template`` is the neutral face (V, 3); ``speaker`` indexes the model's training speakers
     (-1: unknown). T = ceil(duration × fps).
     """
-    if overlap_seconds < 0 or chunk_seconds <= 2 * overlap_seconds:
-        raise ValueError("chunk_seconds must exceed twice overlap_seconds (and overlap >= 0)")
+    plan = ChunkPlan(round(chunk_seconds * fps), round(overlap_seconds * fps))
+    if plan.overlap < 0 or plan.chunk <= 2 * plan.overlap:
+        raise MMTalkerError(
+            f"chunks of {chunk_seconds} s must exceed twice the {overlap_seconds} s overlap "
+            f"at {fps:g} fps (got {plan.chunk} and {plan.overlap} frames)"
+        )
     samples = prepare_audio(audio, sample_rate, model_sample_rate)
     model = model.to(device).eval()
     num_frames = math.ceil(len(samples) / model_sample_rate * fps)
     face = torch.as_tensor(np.asarray(template, np.float32), device=device)[None]
     state = model.prepare(face, torch.tensor([speaker], device=device), points)
-    plan = ChunkPlan(round(chunk_seconds * fps), round(overlap_seconds * fps))
     per_frame = model_sample_rate / fps
     out: np.ndarray | None = None
     for start, stop in plan.windows(num_frames):

@@ -51,11 +51,12 @@ def motion_losses(
     ``point_weights`` (P,) combine region and importance weights. The per-point errors (P,) are
     unweighted squared errors averaged over the batch's real frames (or frame pairs).
     """
-    mask = frame_mask[..., None].to(pred.dtype)
+    # Counts stay in float32 even under bf16 autocast, where 701 frames would round to 700.
+    mask = frame_mask[..., None].float()
     squared = ((pred - target) ** 2).sum(-1)
     frames = mask.sum().clamp_min(1.0)
     position = (squared * mask * point_weights[..., None, :]).sum() / (frames * pred.shape[2])
-    both = (frame_mask[:, 1:] & frame_mask[:, :-1])[..., None].to(pred.dtype)
+    both = (frame_mask[:, 1:] & frame_mask[:, :-1])[..., None].float()
     speed_error = ((pred.diff(dim=1) - target.diff(dim=1)) ** 2).sum(-1)
     steps = both.sum().clamp_min(1.0)
     velocity = (speed_error * both * point_weights[..., None, :]).sum() / (steps * pred.shape[2])

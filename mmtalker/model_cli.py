@@ -93,7 +93,8 @@ def train(
     elapsed = time.perf_counter() - started
     test = None
     if "test" in dataset.manifest.splits:
-        test = evaluate(network, dataset.sequences("test"), dataset.templates).as_dict()
+        device = next(network.parameters()).device
+        test = evaluate(network, dataset.sequences("test"), dataset.templates, device).as_dict()
     save_checkpoint(
         out, network, train_templates, dataset.manifest.fps, dataset.manifest.sample_rate,
         {"dataset": data, "train": train_config.model_dump(), "history": history, "test": test,

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mmtalker.data.batch import Batch, collate
 from mmtalker.data.sequence import Sequence
 from mmtalker.data.shards import Dataset
+from mmtalker.errors import MMTalkerError
 from mmtalker.losses import LossConfig
 from mmtalker.metrics import MetricAccumulator, Metrics
 from mmtalker.nn.base import AnimationModel
@@ -50,7 +51,7 @@ class TrainConfig(BaseModel):
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present; asking for CUDA without one is an error."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but no CUDA device is available")
+        raise MMTalkerError("device 'cuda' requested but no CUDA device is available; use cpu")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -105,6 +106,8 @@ class Trainer:
             groups[key].append(param)
         # The sampler's logits get their own, larger step: Adam moves each by about the learning
         # rate per step, and the density must shift by whole units within a short training.
+        self._network = groups["decay"] + groups["rest"]
+        self._sampler = groups["sampler"]
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": groups["decay"], "weight_decay": config.weight_decay},
@@ -142,7 +145,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        # The sampler's score-function gradient is clipped on its own, so neither side's spikes
+        # rescale the other's step.
+        norm = torch.nn.utils.clip_grad_norm_(self._network, self.config.grad_clip)
+        if self._sampler:
+            torch.nn.utils.clip_grad_norm_(self._sampler, self.config.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()

@@ -69,3 +69,12 @@ def test_static_baseline_predicts_the_template(small_face: tuple) -> None:
     static = build_model("static", {}, topology, templates)
     out = static.predict(torch.zeros(1, 1000), 7, torch.as_tensor(templates["s0"])[None])
     assert out.shape == (1, 7, topology.num_vertices, 3) and not out.any()
+
+
+def test_corrupt_weights_are_a_checkpoint_error(
+    small_model: MMTalker, small_face: tuple, tmp_path: Path
+) -> None:
+    save_checkpoint(tmp_path, small_model, small_face[0], 30.0, 16000)
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(tmp_path)

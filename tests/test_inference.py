@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmtalker.errors import AudioError
+from mmtalker.errors import AudioError, MMTalkerError
 from mmtalker.inference import ChunkPlan, animate, prepare_audio
 from mmtalker.nn.mmtalker import MMTalker
 
@@ -59,5 +59,5 @@ def test_audio_preparation() -> None:
         prepare_audio(np.array([0.0, np.nan]), 16000, 16000)
     with pytest.raises(AudioError, match="non-empty"):
         prepare_audio(np.zeros(0), 16000, 16000)
-    with pytest.raises(ValueError, match="chunk_seconds"):
+    with pytest.raises(MMTalkerError, match="twice the"):
         animate(np.zeros(100), np.zeros((3, 3)), None, chunk_seconds=1.0, overlap_seconds=0.5)  # type: ignore[arg-type]

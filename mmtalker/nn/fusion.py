@@ -34,6 +34,9 @@ class DualCrossAttentionLayer(nn.Module):
         keys = self.mesh_norm(mesh)
         speech = speech + self.speech_to_mesh(query, keys, keys, need_weights=False)[0]
         speech = speech + self.speech_ff(speech)
+        if padding is not None:
+            # Padded frames must not leak into real ones through the temporal convolution.
+            speech = speech.masked_fill(padding[..., None], 0.0)
         speech = speech + self.temporal(speech.transpose(1, 2)).transpose(1, 2)
         frames = self.speech_norm(speech)
         mesh = (

@@ -6,6 +6,7 @@ from mmtalker.data.batch import Batch
 from mmtalker.errors import TemplateError
 from mmtalker.geometry.uv import locate_uv, subdivide
 from mmtalker.losses import LossConfig
+from mmtalker.nn.fusion import DualCrossAttentionFusion
 from mmtalker.nn.gcn import MeshEncoder, farthest_point_clusters, mesh_edges
 from mmtalker.nn.mmtalker import MMTalker, MMTalkerConfig, PointSet
 from mmtalker.nn.speech import SpeechConfig
@@ -126,3 +127,16 @@ def test_mesh_hierarchy(small_face: tuple) -> None:
     tokens = encoder(torch.as_tensor(np.stack(list(templates.values()))) * 10)
     assert tokens.shape == (2, 10, 16)
     assert not torch.allclose(tokens[0], tokens[1])  # different faces, different tokens
+
+
+def test_fusion_ignores_padding_frames() -> None:
+    torch.manual_seed(0)
+    fusion = DualCrossAttentionFusion(16, levels=2, heads=2, kernel=5, dropout=0.0).eval()
+    levels = [torch.randn(1, 10, 16) for _ in range(2)]
+    mesh = torch.randn(1, 6, 16)
+    padded = [torch.cat([x, torch.randn(1, 10, 16) * 5], dim=1) for x in levels]
+    padding = torch.arange(20)[None] >= 10
+    with torch.no_grad():
+        alone = fusion(levels, mesh, None)
+        batched = fusion(padded, mesh, padding)
+    torch.testing.assert_close(batched[:, :10], alone, rtol=1e-4, atol=1e-5)
