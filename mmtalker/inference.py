@@ -29,12 +29,18 @@ class ChunkPlan:
     overlap: int
 
     def windows(self, num_frames: int) -> list[tuple[int, int]]:
-        """(start, stop) frame windows covering ``num_frames``, each overlapping the previous."""
+        """(start, stop) frame windows covering ``num_frames``, each overlapping the previous.
+
+        The fewest windows of at most ``chunk`` frames, of near-equal length: no short tail
+        chunk, whose per-chunk feature normalisation would see too little speech.
+        """
         if num_frames <= self.chunk:
             return [(0, num_frames)]
-        step = self.chunk - self.overlap
-        starts = list(range(0, num_frames - self.overlap, step))
-        return [(s, min(s + self.chunk, num_frames)) for s in starts]
+        count = math.ceil((num_frames - self.overlap) / (self.chunk - self.overlap))
+        step = (num_frames - self.overlap) / count
+        starts = [round(i * step) for i in range(count)]
+        stops = [start + self.overlap for start in starts[1:]] + [num_frames]
+        return list(zip(starts, stops, strict=True))
 
 
 def load_audio(path: str | Path) -> tuple[np.ndarray, int]:
@@ -91,23 +97,27 @@ def animate(
     num_frames = math.ceil(len(samples) / model_sample_rate * fps)
     face = torch.as_tensor(np.asarray(template, np.float32), device=device)[None]
     state = model.prepare(face, torch.tensor([speaker], device=device), points)
+    base = np.asarray(template, np.float32) if points is None else points.neutral[0].cpu().numpy()
+    # One output buffer, filled with the neutral face, that chunks add their displacements into
+    # (on CPU): for long clips it is the largest array, and every extra pass over it costs about
+    # as much as the model's last layer.
+    neutral = torch.from_numpy(base)
+    out = neutral.expand(num_frames, *base.shape).clone()
+    in_place = torch.device(device).type == "cpu"
     per_frame = model_sample_rate / fps
-    out: np.ndarray | None = None
     for start, stop in plan.windows(num_frames):
         chunk = samples[round(start * per_frame) : round(stop * per_frame)]
         audio_t = torch.from_numpy(np.ascontiguousarray(chunk))[None].to(device)
-        disp = model.animate(audio_t, stop - start, state)[0].float().cpu().numpy()
-        if out is None:
-            out = np.empty((num_frames, *disp.shape[1:]), np.float32)
         blend = min(plan.overlap, stop - start) if start > 0 else 0
+        previous = out[start : start + blend].clone()
+        window = out[start:stop]
+        window[:blend] = neutral
+        if in_place:
+            model.animate(audio_t, stop - start, state, window[None])
+        else:
+            window += model.animate(audio_t, stop - start, state)[0].cpu()
         if blend:
             # Linear cross-fade over the overlap: the previous chunk fades out as this one fades in.
-            ramp = ((np.arange(blend) + 1) / (blend + 1)).astype(np.float32)[:, None, None]
-            out[start : start + blend] = (1 - ramp) * out[start : start + blend] + ramp * disp[
-                :blend
-            ]
-        out[start + blend : stop] = disp[blend:]
-    assert out is not None
-    base = np.asarray(template, np.float32) if points is None else points.neutral[0].cpu().numpy()
-    out += base[None]  # in place: the output is the largest array of a long clip
-    return out
+            ramp = (torch.arange(1, blend + 1, dtype=torch.float32) / (blend + 1))[:, None, None]
+            window[:blend] = torch.lerp(previous, window[:blend], ramp)
+    return out.numpy()

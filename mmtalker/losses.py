@@ -18,7 +18,10 @@ class LossConfig(BaseModel):
 
     position: float = Field(1.0, ge=0)
     velocity: float = Field(1.0, ge=0)
-    region_weights: dict[str, float] = {"lips": 3.0, "eyes": 2.0}
+    region_weights: dict[str, float] = {"lips": 3.0, "eyes": 3.0}
+    #: Mean over frames of the largest squared error on the lips: the lip vertex error (LVE)
+    #: is this maximum, which a mean-square loss alone lets a few lip points carry.
+    lip_max: float = Field(0.2, ge=0)
     sampler: float = Field(1.0, ge=0)
     coverage: float = Field(0.05, ge=0)
     points: int = Field(1024, ge=16)
@@ -39,17 +42,19 @@ class MotionLoss:
 
     position: Tensor
     velocity: Tensor
+    lip_max: Tensor
     point_position: Tensor
     point_velocity: Tensor
 
 
 def motion_losses(
-    pred: Tensor, target: Tensor, frame_mask: Tensor, point_weights: Tensor
+    pred: Tensor, target: Tensor, frame_mask: Tensor, point_weights: Tensor, lips: Tensor
 ) -> MotionLoss:
-    """Position and velocity losses over real frames of displacements (B, T, P, 3).
+    """Position, velocity and lip-maximum losses over real frames of displacements (B, T, P, 3).
 
-    ``point_weights`` (P,) combine region and importance weights. The per-point errors (P,) are
-    unweighted squared errors averaged over the batch's real frames (or frame pairs).
+    ``point_weights`` (P,) combine region and importance weights; ``lips`` (P,) is True on lip
+    points. The per-point errors (P,) are unweighted squared errors averaged over the batch's
+    real frames (or frame pairs).
     """
     # Counts stay in float32 even under bf16 autocast, where 701 frames would round to 700.
     mask = frame_mask[..., None].float()
@@ -60,9 +65,23 @@ def motion_losses(
     speed_error = ((pred.diff(dim=1) - target.diff(dim=1)) ** 2).sum(-1)
     steps = both.sum().clamp_min(1.0)
     velocity = (speed_error * both * point_weights[..., None, :]).sum() / (steps * pred.shape[2])
+    if lips.any():
+        lip_max = (squared[..., lips].amax(dim=-1) * mask[..., 0]).sum() / frames
+    else:
+        lip_max = squared.new_zeros(())
     return MotionLoss(
         position=position,
         velocity=velocity,
+        lip_max=lip_max,
         point_position=((squared * mask).sum(dim=(0, 1)) / frames).detach(),
         point_velocity=((speed_error * both).sum(dim=(0, 1)) / steps).detach(),
+    )
+
+
+def combined_loss(parts: MotionLoss, losses: LossConfig) -> Tensor:
+    """The weighted sum of the motion terms every model trains on."""
+    return (
+        losses.position * parts.position
+        + losses.velocity * parts.velocity
+        + losses.lip_max * parts.lip_max
     )

@@ -26,6 +26,11 @@ REPORTED = {
 }
 
 
+def format_scores(scores: dict[str, float]) -> str:
+    """Scores as the field's tables print them: ``LVE x1e-5 3.141  LVE-L2 mm 1.234 ...``."""
+    return "  ".join(f"{label} {scores[k] * factor:.3f}" for k, (label, factor) in REPORTED.items())
+
+
 def _read_config(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
@@ -54,10 +59,9 @@ def train(
     """Train a model on a dataset in this process and write a checkpoint."""
     from tqdm import tqdm
 
-    from mmtalker.checkpoint import MODELS, build_model, save_checkpoint
+    from mmtalker.checkpoint import MODELS, save_checkpoint
     from mmtalker.data.shards import open_dataset
-    from mmtalker.geometry.uv import attach_uv
-    from mmtalker.training import TrainConfig, evaluate, fit
+    from mmtalker.training import TrainConfig, evaluate, fit, model_for_dataset, training_templates
 
     if model not in MODELS or model == "static":
         raise MMTalkerError(f"--model must be mmtalker or faceformer, got {model!r}")
@@ -72,14 +76,8 @@ def train(
     }  # fmt: skip
     train_config = TrainConfig.model_validate({**settings.get("train", {}), **overrides})
     dataset = open_dataset(data)
-    train_templates = {s: dataset.templates[s] for s in dataset.manifest.splits["train"].speakers}
-    reference = sum(train_templates.values()) / len(train_templates)
-    topology = (
-        dataset.topology
-        if dataset.topology.uv is not None
-        else attach_uv(dataset.topology, reference)
-    )
-    network = build_model(model, settings.get("model", {}), topology, train_templates)
+    network = model_for_dataset(model, settings.get("model", {}), dataset)
+    train_templates = training_templates(dataset)
     bar = tqdm(desc=f"train {model}", unit="step", file=sys.stderr, dynamic_ncols=True)
 
     def progress(step: int, total: int, logs: dict[str, float]) -> None:
@@ -103,10 +101,7 @@ def train(
     last = history[-1]
     typer.echo(f"trained {model} for {last['steps']} steps in {elapsed:.0f} s -> {out}")
     if test is not None:
-        typer.echo(
-            "test  "
-            + "  ".join(f"{REPORTED[k][0]} {test[k] * REPORTED[k][1]:.3f}" for k in REPORTED)
-        )
+        typer.echo("test  " + format_scores(test))
 
 
 def evaluate_command(

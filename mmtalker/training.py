@@ -13,16 +13,18 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Sequence as Seq
 from contextlib import nullcontext
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from mmtalker.checkpoint import build_model
 from mmtalker.data.batch import Batch, collate
 from mmtalker.data.sequence import Sequence
 from mmtalker.data.shards import Dataset
 from mmtalker.errors import MMTalkerError
+from mmtalker.geometry.uv import attach_uv
 from mmtalker.losses import LossConfig
 from mmtalker.metrics import MetricAccumulator, Metrics
 from mmtalker.nn.base import AnimationModel
@@ -80,6 +82,24 @@ def length_batches(
         yield [sequences[i] for i in groups[index]]
 
 
+def training_templates(dataset: Dataset) -> dict[str, np.ndarray]:
+    """Neutral faces of the training split's speakers: the speakers a model is built for."""
+    return {s: dataset.templates[s] for s in dataset.manifest.splits["train"].speakers}
+
+
+def model_for_dataset(kind: str, config: dict[str, Any], dataset: Dataset) -> AnimationModel:
+    """A fresh model for a dataset's topology and training speakers.
+
+    A topology stored without a UV chart gets one, computed on the training speakers' mean
+    face (deterministic, so every distributed worker builds the same model).
+    """
+    templates = training_templates(dataset)
+    topology = dataset.topology
+    if topology.uv is None:
+        topology = attach_uv(topology, np.mean(list(templates.values()), axis=0))
+    return build_model(kind, config, topology, templates)
+
+
 def displacement_scale(sequences: Iterable[Sequence], templates: dict[str, np.ndarray]) -> float:
     """Root-mean-square displacement from the neutral face over the given sequences."""
     total, count = 0.0, 0
@@ -91,12 +111,24 @@ def displacement_scale(sequences: Iterable[Sequence], templates: dict[str, np.nd
 
 
 class Trainer:
-    """Optimises one model replica; ``step`` takes any :class:`Batch`."""
+    """Optimises one model replica; ``step`` takes any :class:`Batch`.
 
-    def __init__(self, model: AnimationModel, config: TrainConfig, total_steps: int) -> None:
+    ``wrap`` (e.g. Ray Train's ``prepare_model``) wraps the model for data parallelism after
+    the optimizer's parameter groups are made; ``device`` overrides ``config.device`` (a
+    distributed worker's own GPU).
+    """
+
+    def __init__(
+        self,
+        model: AnimationModel,
+        config: TrainConfig,
+        total_steps: int,
+        wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+        device: torch.device | None = None,
+    ) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
-        self.model = model.to(self.device)
+        self.device = device or resolve_device(config.device)
+        self.module = model.to(self.device)
         self.dtype = autocast_dtype(config.precision, self.device)
         groups: dict[str, list[torch.nn.Parameter]] = {"decay": [], "rest": [], "sampler": []}
         for name, param in model.named_parameters():
@@ -128,6 +160,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         # Loss scaling is only needed for fp16; bf16 has fp32's range.
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
+        self.model = wrap(self.module) if wrap is not None else self.module
 
     def _autocast(self) -> torch.autocast | nullcontext[None]:
         if self.dtype is None:
@@ -139,7 +172,7 @@ class Trainer:
         self.model.train()
         batch = batch.to(self.device)
         with self._autocast():
-            loss, logs = self.model.training_loss(batch, self.config.losses)
+            loss, logs = self.model(batch, self.config.losses)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()}; lower the learning rate")
         self.optimizer.zero_grad(set_to_none=True)
@@ -154,6 +187,20 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         return {"objective": loss.item(), "grad_norm": norm.item(), **logs}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer, schedule and loss-scaler state (tensors and numbers only), for resuming."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
 
 
 @torch.no_grad()

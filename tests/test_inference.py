@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -12,10 +13,14 @@ from mmtalker.nn.mmtalker import MMTalker
 def test_chunk_windows_cover_every_frame_with_overlap() -> None:
     plan = ChunkPlan(chunk=100, overlap=10)
     assert plan.windows(60) == [(0, 60)]
-    windows = plan.windows(1000)
-    assert windows[0] == (0, 100) and windows[-1][1] == 1000
-    for (_, a1), (b0, _) in itertools.pairwise(windows):
-        assert b0 == a1 - 10
+    for frames in (101, 191, 192, 1000, 1234):
+        windows = plan.windows(frames)
+        assert windows[0][0] == 0 and windows[-1][1] == frames
+        assert len(windows) == math.ceil((frames - 10) / 90)
+        lengths = [stop - start for start, stop in windows]
+        assert max(lengths) <= 100 and max(lengths) - min(lengths) <= 1
+        for (_, a1), (b0, _) in itertools.pairwise(windows):
+            assert b0 == a1 - 10
 
 
 def test_short_audio_is_one_chunk_and_frames_follow_the_duration(

@@ -44,6 +44,10 @@ class AnimationModel(nn.Module):
         # networks work with numbers near one whatever the dataset's length unit.
         self.register_buffer("displacement_scale", torch.tensor(0.01))
 
+    def forward(self, batch: Batch, losses: LossConfig) -> tuple[Tensor, dict[str, float]]:
+        """:meth:`training_loss`, as ``forward`` so a DistributedDataParallel wrapper syncs it."""
+        return self.training_loss(batch, losses)
+
     def training_loss(self, batch: Batch, losses: LossConfig) -> tuple[Tensor, dict[str, float]]:
         """The objective to minimise on one batch, and named scalars for logging.
 
@@ -56,9 +60,20 @@ class AnimationModel(nn.Module):
         """Per-face state for :meth:`animate` (templates (B, V, 3))."""
         raise NotImplementedError
 
-    def animate(self, audio: Tensor, num_frames: int, state: Any) -> Tensor:
-        """Displacements (B, T, P, 3) for audio (B, N) given the prepared face state."""
+    def animate(
+        self, audio: Tensor, num_frames: int, state: Any, out: Tensor | None = None
+    ) -> Tensor:
+        """Displacements (B, T, P, 3) for audio (B, N) given the prepared face state.
+
+        With ``out`` (B, T, P, 3), the displacements are added into it (a buffer holding the
+        neutral face yields positions without another pass over the output) and it is returned.
+        """
         raise NotImplementedError
+
+    @staticmethod
+    def deliver(result: Tensor, out: Tensor | None) -> Tensor:
+        """``result``, or ``out`` with it added: for models that cannot add in place."""
+        return result if out is None else out.add_(result)
 
     def predict(
         self, audio: Tensor, num_frames: int, templates: Tensor, speakers: Tensor | None = None

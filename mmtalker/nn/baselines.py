@@ -26,5 +26,7 @@ class StaticTemplate(AnimationModel):
         count = templates.shape[1] if points is None else points.uv.shape[0]
         return templates.new_zeros(templates.shape[0], count, 3)
 
-    def animate(self, audio: Tensor, num_frames: int, state: Tensor) -> Tensor:
-        return state[:, None].expand(-1, num_frames, -1, -1)
+    def animate(
+        self, audio: Tensor, num_frames: int, state: Tensor, out: Tensor | None = None
+    ) -> Tensor:
+        return self.deliver(state[:, None].expand(-1, num_frames, -1, -1), out)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from mmtalker.data.batch import Batch
 from mmtalker.data.sequence import Topology
 from mmtalker.errors import MMTalkerError, TemplateError
-from mmtalker.losses import LossConfig, motion_losses, vertex_weights
+from mmtalker.losses import LossConfig, combined_loss, motion_losses, vertex_weights
 from mmtalker.nn.base import AnimationModel, check_attention_widths
 from mmtalker.nn.speech import SpeechConfig, build_speech_encoder
 
@@ -162,7 +162,7 @@ class FaceFormer(AnimationModel):
         cross = self.cross_mask[:length, : features.shape[1]]
         return self.decoder(tokens, features, tgt_mask=bias, memory_mask=cross)
 
-    def forward(self, features: Tensor, motion: Tensor, style: Tensor) -> Tensor:
+    def teacher_forced(self, features: Tensor, motion: Tensor, style: Tensor) -> Tensor:
         """Teacher-forced displacements (B, T, V, 3) in model units given true motion (same units).
 
         Frame t sees ``motion[:, :t]`` and audio feature t; ``motion[:, -1]`` is never used.
@@ -176,14 +176,17 @@ class FaceFormer(AnimationModel):
         """Position and velocity loss of teacher-forced predictions over every vertex."""
         target = batch.displacements / self.displacement_scale
         features = self.audio_features(batch.audio, batch.num_frames, batch.audio_lengths)
-        pred = self(features, target, self.styles(batch.speakers, len(target)))
+        pred = self.teacher_forced(features, target, self.styles(batch.speakers, len(target)))
         weights = torch.as_tensor(
             vertex_weights(self.topology, losses.region_weights), device=pred.device
         )
-        parts = motion_losses(pred, target, batch.frame_mask(), weights)
-        position, velocity = parts.position, parts.velocity
-        loss = losses.position * position + losses.velocity * velocity
-        return loss, {"loss": loss.item(), "position": position.item(), "velocity": velocity.item()}
+        lips = torch.zeros(self.num_vertices, dtype=torch.bool, device=pred.device)
+        lips[torch.as_tensor(self.topology.region("lips"), device=pred.device)] = True
+        parts = motion_losses(pred, target, batch.frame_mask(), weights, lips)
+        loss = combined_loss(parts, losses)
+        logs = {"loss": loss, "position": parts.position, "velocity": parts.velocity,
+                "lip_max": parts.lip_max}  # fmt: skip
+        return loss, {name: float(value.detach()) for name, value in logs.items()}
 
     def prepare(
         self, templates: Tensor, speakers: Tensor | None = None, points: object = None
@@ -201,7 +204,9 @@ class FaceFormer(AnimationModel):
             )
         return self.styles(speakers, templates.shape[0])
 
-    def animate(self, audio: Tensor, num_frames: int, state: Tensor) -> Tensor:
+    def animate(
+        self, audio: Tensor, num_frames: int, state: Tensor, out: Tensor | None = None
+    ) -> Tensor:
         """Autoregressive displacements (B, T, V, 3) in dataset units, one frame per step.
 
         As in FaceFormer each step re-runs the decoder over the whole prefix: O(T²) decoder
@@ -219,4 +224,4 @@ class FaceFormer(AnimationModel):
             hidden = self.decode(tokens, features[:, : t + 1])
             frames.append(self.motion_decoder(hidden[:, -1:]))
         motion = torch.cat(frames, dim=1).unflatten(-1, (self.num_vertices, 3))
-        return motion * self.displacement_scale
+        return self.deliver(motion * self.displacement_scale, out)

@@ -23,7 +23,7 @@ def fourier_features(uv: Tensor, bands: int) -> Tensor:
 
 
 class UVRegressionHead(nn.Module):
-    """Point basis (B, P, K, 3) from UV + neutral position; coefficients (B, T, K) from motion."""
+    """Point basis (B, K, P·3) from UV + neutral position; coefficients (B, T, K) from motion."""
 
     def __init__(self, dim: int, basis: int, bands: int, hidden: int) -> None:
         super().__init__()
@@ -38,18 +38,30 @@ class UVRegressionHead(nn.Module):
         self.coefficients = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, basis))
 
     def point_basis(self, uv: Tensor, neutral: Tensor) -> Tensor:
-        """uv (P, 2) or (B, P, 2) and centred neutral positions (B, P, 3) → basis."""
+        """uv (P, 2) or (B, P, 2) and centred neutral positions (B, P, 3) → basis (B, K, P·3).
+
+        Laid out for the per-frame product, so a prepared point set is used as it is.
+        """
         if uv.dim() == 2:
             uv = uv.expand(neutral.shape[0], -1, -1)
         features = torch.cat([fourier_features(uv, self.bands), neutral], dim=-1)
-        return self.point_mlp(features).unflatten(-1, (self.basis, 3))
+        basis = self.point_mlp(features).unflatten(-1, (self.basis, 3))
+        return basis.transpose(1, 2).flatten(2)
 
-    def forward(self, motion: Tensor, basis: Tensor, scale: Tensor | float = 1.0) -> Tensor:
-        """motion (B, T, D), basis (B, P, K, 3) → displacements (B, T, P, 3) times ``scale``.
+    def forward(
+        self, motion: Tensor, basis: Tensor, scale: Tensor | float = 1.0, out: Tensor | None = None
+    ) -> Tensor:
+        """motion (B, T, D), basis (B, K, P·3) → displacements (B, T, P, 3) times ``scale``.
 
-        The scale multiplies the (B, T, K) coefficients, not the much larger output.
+        The scale multiplies the (B, T, K) coefficients, not the much larger output, which is
+        added into ``out`` (B, T, P, 3) when given (e.g. a buffer holding the neutral face): for
+        long audio the output is most of the memory traffic, and a fresh buffer per chunk costs
+        more in page faults than the product itself.
         """
         coefficients = self.coefficients(motion) * scale
-        batch, frames, points = motion.shape[0], motion.shape[1], basis.shape[1]
-        flat = coefficients @ basis.permute(0, 2, 1, 3).reshape(batch, self.basis, points * 3)
-        return flat.view(batch, frames, points, 3)
+        batch, frames, points = motion.shape[0], motion.shape[1], basis.shape[2] // 3
+        if out is None:
+            return (coefficients @ basis).view(batch, frames, points, 3)
+        flat = out.view(batch, frames, points * 3)
+        torch.baddbmm(flat, coefficients, basis, out=flat)
+        return out

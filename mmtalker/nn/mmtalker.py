@@ -16,7 +16,7 @@ from mmtalker.data.sequence import Topology
 from mmtalker.errors import TemplateError
 from mmtalker.geometry.sampling import SurfaceSampler
 from mmtalker.geometry.uv import barycentric_interpolate, face_areas
-from mmtalker.losses import LossConfig, motion_losses, vertex_weights
+from mmtalker.losses import LossConfig, combined_loss, motion_losses, vertex_weights
 from mmtalker.nn.base import AnimationModel, check_attention_widths
 from mmtalker.nn.fusion import DualCrossAttentionFusion
 from mmtalker.nn.gcn import MeshEncoder
@@ -82,6 +82,9 @@ class MMTalker(AnimationModel):
         reference = np.mean([templates[s] for s in self.speakers], axis=0)
         self.register_buffer("faces", torch.as_tensor(topology.faces, dtype=torch.long), False)
         self.register_buffer("uv", torch.as_tensor(topology.uv), persistent=False)
+        lips = torch.zeros(topology.num_vertices, dtype=torch.bool)
+        lips[torch.as_tensor(topology.region("lips"), dtype=torch.long)] = True
+        self.register_buffer("lips", lips, persistent=False)
         self.speech = build_speech_encoder(config.speech)
         self.mesh = MeshEncoder(
             topology.faces, topology.uv, config.dim, config.clusters, config.gcn_blocks
@@ -93,6 +96,11 @@ class MMTalker(AnimationModel):
             config.dim, config.basis, config.fourier_bands, config.head_hidden
         )
         self.sampler = SurfaceSampler(topology.faces, face_areas(reference, topology.faces))
+
+    def _tokens(self, centred: Tensor) -> Tensor:
+        """Mesh tokens, encoded once per distinct face in the batch (speakers recur in batches)."""
+        unique, inverse = torch.unique(centred.flatten(1), dim=0, return_inverse=True)
+        return self.mesh(unique.view(-1, *centred.shape[1:]))[inverse]
 
     def _centred(self, templates: Tensor) -> tuple[Tensor, Tensor]:
         centroid = templates.mean(dim=1, keepdim=True)
@@ -107,7 +115,7 @@ class MMTalker(AnimationModel):
             uv, neutral = self.uv, centred
         else:
             uv, neutral = points.uv, (points.neutral - centroid) * POSITION_SCALE
-        return FaceState(self.mesh(centred), self.head.point_basis(uv, neutral))
+        return FaceState(self._tokens(centred), self.head.point_basis(uv, neutral))
 
     def _motion(
         self, audio: Tensor, num_frames: int, tokens: Tensor, audio_lengths: Tensor | None,
@@ -120,10 +128,12 @@ class MMTalker(AnimationModel):
             padding = frames[None, :] >= frame_lengths[:, None]
         return self.fusion(levels, tokens, padding)
 
-    def animate(self, audio: Tensor, num_frames: int, state: FaceState) -> Tensor:
-        """Displacements (B, T, P, 3) in dataset units."""
+    def animate(
+        self, audio: Tensor, num_frames: int, state: FaceState, out: Tensor | None = None
+    ) -> Tensor:
+        """Displacements (B, T, P, 3) in dataset units, added into ``out`` when given."""
         motion = self._motion(audio, num_frames, state.tokens, None, None)
-        return self.head(motion, state.basis, self.displacement_scale)
+        return self.head(motion, state.basis, self.displacement_scale, out)
 
     def training_loss(self, batch: Batch, losses: LossConfig) -> tuple[Tensor, dict[str, float]]:
         """Position/velocity loss on points drawn by the learnt sampler, plus the sampler's own.
@@ -139,7 +149,7 @@ class MMTalker(AnimationModel):
         neutral = barycentric_interpolate(centred, faces, index, bary)
         target = barycentric_interpolate(batch.displacements, faces, index, bary)
         motion = self._motion(
-            batch.audio, batch.num_frames, self.mesh(centred), batch.audio_lengths,
+            batch.audio, batch.num_frames, self._tokens(centred), batch.audio_lengths,
             batch.frame_lengths,
         )  # fmt: skip
         pred = self.head(motion, self.head.point_basis(uv, neutral))
@@ -147,8 +157,9 @@ class MMTalker(AnimationModel):
             vertex_weights(self.topology, losses.region_weights), device=pred.device
         )
         region = barycentric_interpolate(region[:, None], faces, index, bary)[:, 0]
+        lips = self.lips[faces[index]].float().mean(dim=1) > 0.5
         target = target / self.displacement_scale
-        parts = motion_losses(pred, target, batch.frame_mask(), region * sample.weight)
+        parts = motion_losses(pred, target, batch.frame_mask(), region * sample.weight, lips)
         # The sampler is steered by each point's share of the surface loss (region-weighted
         # position and velocity error), rescaled to unit mean square so its step size does not
         # depend on the error's magnitude (the variance-optimal density is scale-free).
@@ -158,8 +169,10 @@ class MMTalker(AnimationModel):
         error = error / (error * sample.weight).pow(2).mean().sqrt().clamp_min(1e-12)
         sampler = self.sampler.estimator_loss(sample, error)
         coverage = self.sampler.coverage_loss()
-        position, velocity = parts.position, parts.velocity
-        surface = losses.position * position + losses.velocity * velocity
+        surface = combined_loss(parts, losses)
         loss = surface + losses.sampler * sampler + losses.coverage * coverage
-        logs = {"loss": surface, "position": position, "velocity": velocity, "coverage": coverage}
+        logs = {
+            "loss": surface, "position": parts.position, "velocity": parts.velocity,
+            "lip_max": parts.lip_max, "coverage": coverage,
+        }  # fmt: skip
         return loss, {name: float(value.detach()) for name, value in logs.items()}

@@ -66,7 +66,7 @@ def test_prepared_state_is_reused_across_chunks(small_model: MMTalker, small_fac
         direct = small_model.predict(batch.audio, 12, batch.templates)
         reused = small_model.animate(batch.audio, 12, state)
     torch.testing.assert_close(direct, reused)
-    assert state.basis.shape[:2] == (2, small_face[1].num_vertices)
+    assert state.basis.shape[::2] == (2, 3 * small_face[1].num_vertices)
 
 
 def test_point_set_at_the_vertices_equals_the_vertex_prediction(
@@ -140,3 +140,31 @@ def test_fusion_ignores_padding_frames() -> None:
         alone = fusion(levels, mesh, None)
         batched = fusion(padded, mesh, padding)
     torch.testing.assert_close(batched[:, :10], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_mesh_tokens_are_encoded_once_per_distinct_face(
+    small_model: MMTalker, small_face: tuple
+) -> None:
+    faces = torch.as_tensor(np.stack(list(small_face[0].values())))
+    repeated = faces[[0, 1, 0, 0, 1]]
+    calls = []
+    hook = small_model.mesh.register_forward_hook(lambda m, args, out: calls.append(args[0]))
+    with torch.no_grad():
+        state = small_model.eval().prepare(repeated)
+    hook.remove()
+    assert [len(c) for c in calls] == [2]
+    with torch.no_grad():
+        single = small_model.prepare(faces[[1]])
+    torch.testing.assert_close(state.tokens[4], single.tokens[0])
+
+
+def test_animate_adds_into_a_given_buffer(small_model: MMTalker, small_face: tuple) -> None:
+    batch = _batch(small_face[0])
+    small_model.eval()
+    with torch.no_grad():
+        state = small_model.prepare(batch.templates)
+        plain = small_model.animate(batch.audio, 12, state)
+        out = torch.ones_like(plain)
+        returned = small_model.animate(batch.audio, 12, state, out)
+    assert returned is out
+    torch.testing.assert_close(out, plain + 1)

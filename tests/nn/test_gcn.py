@@ -1,0 +1,32 @@
+import numpy as np
+import torch
+from torch_geometric.nn import GCNConv
+
+from mmtalker.nn.gcn import GraphConvolution, MeshEncoder, mesh_edges
+
+
+def test_graph_convolution_matches_torch_geometric_gcnconv(small_face: tuple) -> None:
+    _, topology = small_face
+    edges = mesh_edges(topology.faces)
+    torch.manual_seed(0)
+    reference = GCNConv(8, 8)
+    torch.nn.init.normal_(reference.bias)
+    ours = GraphConvolution(8)
+    ours.load_state_dict(reference.state_dict())
+    adjacency = MeshEncoder(topology.faces, topology.uv, 8, (40,), blocks=1).adjacency(0)
+    x = torch.randn(3, topology.num_vertices, 8, requires_grad=True)
+    expected = reference(x, torch.as_tensor(edges))
+    got = ours(x, adjacency)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    (grad,) = torch.autograd.grad(got.square().sum(), x)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_mesh_encoder_runs_under_bf16_autocast(small_face: tuple) -> None:
+    templates, topology = small_face
+    encoder = MeshEncoder(topology.faces, topology.uv, 16, (40, 10), blocks=1)
+    faces = torch.as_tensor(np.stack(list(templates.values()))) * 10
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens = encoder(faces)
+    assert tokens.shape == (2, 10, 16) and torch.isfinite(tokens).all()
