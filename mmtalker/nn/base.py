@@ -32,6 +32,9 @@ class AnimationModel(nn.Module):
 
     kind: ClassVar[str]
     config_class: ClassVar[type[BaseModel]]
+    #: Whether every parameter gets a gradient from every training step; data-parallel
+    #: wrappers must search for unused ones (a slower path) when not.
+    all_parameters_used: ClassVar[bool] = True
 
     def __init__(
         self, config: BaseModel, topology: Topology, templates: dict[str, np.ndarray]

@@ -92,6 +92,9 @@ class FaceFormer(AnimationModel):
 
     kind = "faceformer"
     config_class = FaceFormerConfig
+    # Only the speech encoder's deepest level conditions the decoder, as in FaceFormer, so the
+    # shallower levels' output projections never get gradients.
+    all_parameters_used = False
     config: FaceFormerConfig
 
     def __init__(

@@ -14,16 +14,26 @@ from torch import Tensor, nn
 
 
 class DualCrossAttentionLayer(nn.Module):
-    """One speech→mesh and one mesh→speech cross-attention, each with a feed-forward block."""
+    """One speech→mesh and one mesh→speech cross-attention, each with a feed-forward block.
 
-    def __init__(self, dim: int, heads: int, kernel: int, dropout: float) -> None:
+    Without ``update_mesh`` (the last layer, whose tokens nobody reads) the mesh→speech half is
+    left out: it would cost time, and parameters without gradients break DDP's reducer.
+    """
+
+    def __init__(
+        self, dim: int, heads: int, kernel: int, dropout: float, update_mesh: bool = True
+    ) -> None:
         super().__init__()
         self.speech_norm = nn.LayerNorm(dim)
         self.mesh_norm = nn.LayerNorm(dim)
         self.speech_to_mesh = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.mesh_to_speech = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.speech_ff = _feed_forward(dim, dropout)
-        self.mesh_ff = _feed_forward(dim, dropout)
+        self.mesh_to_speech = (
+            nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+            if update_mesh
+            else None
+        )
+        self.mesh_ff = _feed_forward(dim, dropout) if update_mesh else None
         self.temporal = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=dim)
 
     def forward(
@@ -38,6 +48,8 @@ class DualCrossAttentionLayer(nn.Module):
             # Padded frames must not leak into real ones through the temporal convolution.
             speech = speech.masked_fill(padding[..., None], 0.0)
         speech = speech + self.temporal(speech.transpose(1, 2)).transpose(1, 2)
+        if self.mesh_to_speech is None or self.mesh_ff is None:
+            return speech, mesh
         frames = self.speech_norm(speech)
         mesh = (
             mesh
@@ -68,7 +80,8 @@ class DualCrossAttentionFusion(nn.Module):
         super().__init__()
         self.inject = nn.ModuleList(nn.Linear(dim, dim) for _ in range(levels))
         self.layers = nn.ModuleList(
-            DualCrossAttentionLayer(dim, heads, kernel, dropout) for _ in range(levels)
+            DualCrossAttentionLayer(dim, heads, kernel, dropout, update_mesh=i < levels - 1)
+            for i in range(levels)
         )
         self.out = nn.LayerNorm(dim)
 

@@ -8,6 +8,8 @@ import typer
 
 from mmtalker.cli import data_app, run
 from mmtalker.model_cli import animate_command, evaluate_command, train
+from mmtalker_platform.jobs_cli import run_command, submit_command
+from mmtalker_platform.models_cli import models_app
 
 app = typer.Typer(
     help="MMTalker: speech-driven 3D facial animation, trained and served at scale.",
@@ -18,6 +20,9 @@ app.add_typer(data_app, name="data")
 app.command("train")(train)
 app.command("evaluate")(evaluate_command)
 app.command("animate")(animate_command)
+app.add_typer(models_app, name="models")
+app.command("run")(run_command)
+app.command("submit")(submit_command)
 
 
 def main() -> None:

@@ -99,6 +99,13 @@ def test_training_loss_shapes_and_gradients() -> None:
     assert set(logs) == {"loss", "position", "velocity", "lip_max"}
     loss.backward()
     assert model.motion_decoder.weight.grad.abs().sum() > 0
+    # Only the deepest speech level is used: DDP must be told to look for unused parameters.
+    unused = {n for n, p in model.named_parameters() if p.grad is None}
+    levels = model.config.speech.levels
+    assert unused == {
+        f"speech.heads.{i}.{w}" for i in range(levels - 1) for w in ("weight", "bias")
+    }
+    assert not model.all_parameters_used
 
 
 def test_self_attention_is_causal() -> None:

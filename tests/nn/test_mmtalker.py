@@ -44,6 +44,8 @@ def test_training_loss_reaches_every_part_and_the_sampler(
         grads = [p.grad for n, p in small_model.named_parameters() if n.startswith(name + ".")]
         assert any(g is not None and g.abs().sum() > 0 for g in grads), name
     assert small_model.sampler.logits.grad.abs().sum() > 0
+    # DistributedDataParallel requires a gradient for every parameter, every step.
+    assert [n for n, p in small_model.named_parameters() if p.grad is None] == []
 
 
 def test_padding_frames_do_not_change_the_loss(small_model: MMTalker, small_face: tuple) -> None:

@@ -1,0 +1,124 @@
+"""Ray Data ingest: a dataset's Parquet shards streamed to training workers, batched by length.
+
+The driver builds one Ray Dataset per split from the shard files (local or s3://); rows are
+decoded to arrays in ``map_batches`` on the cluster, and Ray Train's streaming split hands each
+worker an equal share, so no process ever holds the corpus. Each epoch re-reads the shards in a
+new block order through a local shuffle buffer; workers then sort pools of rows by length
+before cutting batches, which keeps padding small.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray.data
+
+from mmtalker import storage
+from mmtalker.data.sequence import Sequence
+from mmtalker.data.shards import Dataset, table_to_sequences
+from mmtalker.errors import DatasetError
+from mmtalker.storage import S3Settings
+
+#: Rows per decode task: a few seconds of audio-mesh data each, small enough to stream.
+DECODE_BATCH_ROWS = 8
+#: Each worker sorts this many batches' worth of rows by length before cutting batches.
+LENGTH_POOL_BATCHES = 8
+
+
+def read_split(dataset: Dataset, split: str, s3: S3Settings | None = None) -> ray.data.Dataset:
+    """A Ray Dataset of one split's decoded sequences (arrays per row), block order shuffled."""
+    uris = dataset.shard_uris(split)
+    if not uris:
+        raise DatasetError(
+            f"{dataset.uri} has no shards for split {split!r}; "
+            f"it has {sorted(dataset.manifest.splits)}"
+        )
+    resolved = [storage.resolve(uri, s3) for uri in uris]
+    filesystem = resolved[0][0]
+    paths = [path for _, path in resolved]
+    return (
+        ray.data.read_parquet(paths, filesystem=filesystem)
+        .randomize_block_order()
+        .map_batches(decode_rows, batch_format="pyarrow", batch_size=DECODE_BATCH_ROWS)
+    )
+
+
+def decode_rows(table: pa.Table) -> dict[str, np.ndarray]:
+    """Shard rows → arrays: audio (N,) and vertices (T, V, 3) per row, plus the metadata."""
+    sequences = table_to_sequences(table)
+    return {
+        "sequence_id": np.array([s.sequence_id for s in sequences]),
+        "speaker": np.array([s.speaker for s in sequences]),
+        "sentence_id": np.array([s.sentence_id for s in sequences]),
+        "fps": np.array([s.fps for s in sequences], np.float64),
+        "sample_rate": np.array([s.sample_rate for s in sequences], np.int64),
+        "audio": _ragged([s.audio for s in sequences]),
+        "vertices": _ragged([s.vertices for s in sequences]),
+    }
+
+
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    # An object array of differently shaped arrays becomes Ray's variable-shaped tensor column.
+    out = np.empty(len(arrays), dtype=object)
+    out[:] = arrays
+    return out
+
+
+def rows_to_sequences(rows: dict[str, Any]) -> list[Sequence]:
+    """A numpy batch of decoded rows (as ``iter_batches`` yields them) → sequences."""
+    return [
+        Sequence(
+            sequence_id=str(rows["sequence_id"][i]),
+            speaker=str(rows["speaker"][i]),
+            sentence_id=str(rows["sentence_id"][i]),
+            audio=rows["audio"][i],
+            sample_rate=int(rows["sample_rate"][i]),
+            vertices=rows["vertices"][i],
+            fps=float(rows["fps"][i]),
+        )
+        for i in range(len(rows["sequence_id"]))
+    ]
+
+
+def epoch_batches(
+    shard: ray.data.DataIterator, batch_size: int, shuffle_buffer: int, seed: int
+) -> Iterator[list[Sequence]]:
+    """One epoch of a worker's shard as batches of similar-length sequences, in random order.
+
+    Equal shards give every worker the same number of batches, which DDP needs: each step is
+    a collective, and a worker with one batch more would wait for the others forever.
+    """
+    rng = np.random.default_rng(seed)
+    for rows in shard.iter_batches(
+        batch_size=batch_size * LENGTH_POOL_BATCHES,
+        batch_format="numpy",
+        local_shuffle_buffer_size=shuffle_buffer or None,
+        local_shuffle_seed=seed,
+    ):
+        pool = sorted(rows_to_sequences(rows), key=lambda s: s.num_frames)
+        groups = [pool[i : i + batch_size] for i in range(0, len(pool), batch_size)]
+        for index in rng.permutation(len(groups)):
+            yield groups[index]
+
+
+def measure_displacement_scale(data: ray.data.Dataset, templates: dict[str, np.ndarray]) -> float:
+    """RMS displacement from the neutral face over a split, in one distributed pass."""
+
+    def sums(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        total, count = 0.0, 0
+        for speaker, vertices in zip(rows["speaker"], rows["vertices"], strict=True):
+            disp = vertices - templates[str(speaker)][None]
+            total += float(np.square(disp, dtype=np.float64).sum())
+            count += disp.size
+        return {"total": np.array([total]), "count": np.array([count])}
+
+    # One small row per batch comes back to the driver; the frames themselves never do.
+    parts = data.map_batches(sums, batch_format="numpy").take_all()
+    count = sum(int(p["count"]) for p in parts)
+    if not count:
+        raise DatasetError("the split holds no frames; check the dataset")
+    return math.sqrt(sum(float(p["total"]) for p in parts) / count) or 1.0

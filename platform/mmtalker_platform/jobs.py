@@ -1,0 +1,85 @@
+"""Submitting job specs to a Ray cluster through the Ray Jobs API, logs streamed back.
+
+``mmtalker submit jobs/train.yaml`` is ``ray job submit --working-dir . -- mmtalker run
+jobs/train.yaml`` plus the spec's runtime environment and excludes, a readable submission id,
+and an exit status that follows the job's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from mmtalker.errors import MMTalkerError
+from mmtalker_platform.settings import PlatformSettings
+from mmtalker_platform.spec import TrainJobSpec, load_spec
+
+
+class JobError(MMTalkerError):
+    """A job could not be submitted, or ended in a state other than SUCCEEDED."""
+
+
+def entrypoint(spec_file: str) -> str:
+    """The command the cluster runs for a spec (a path inside the working directory)."""
+    return f"mmtalker run {shlex.quote(spec_file)}"
+
+
+def runtime_env(spec: TrainJobSpec, working_dir: Path) -> dict[str, object]:
+    """The job's runtime environment: the working directory (with excludes) and the spec's."""
+    return {"working_dir": str(working_dir), "excludes": spec.ray.excludes, **spec.ray.runtime_env}
+
+
+def submit(
+    spec_path: Path,
+    address: str | None = None,
+    settings: PlatformSettings | None = None,
+    wait: bool = True,
+    echo: Callable[[str], None] = print,
+) -> str:
+    """Submit a spec from the current directory; stream its logs and return its final status.
+
+    With ``wait`` false, returns the submission id as soon as the cluster accepted the job.
+    """
+    settings = settings or PlatformSettings()
+    spec = load_spec(spec_path)
+    working_dir = Path.cwd()
+    try:
+        relative = spec_path.resolve().relative_to(working_dir)
+    except ValueError:
+        raise JobError(
+            f"{spec_path} is outside the working directory {working_dir}, which is what gets "
+            "uploaded; run mmtalker submit from the project folder"
+        ) from None
+    os.environ.setdefault("RAY_AUTH_MODE", settings.ray_auth_mode)
+    url = address or settings.ray_dashboard
+    try:
+        client = JobSubmissionClient(url)
+        submission_id = client.submit_job(
+            entrypoint=entrypoint(relative.as_posix()),
+            runtime_env=runtime_env(spec, working_dir),
+            submission_id=f"{spec.name}-{uuid.uuid4().hex[:8]}",
+            entrypoint_num_cpus=spec.ray.entrypoint_num_cpus,
+        )
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise JobError(f"cannot submit to the Ray cluster at {url}: {exc}") from exc
+    echo(f"submitted {submission_id} to {url}")
+    if not wait:
+        return submission_id
+    asyncio.run(_stream_logs(client, submission_id, echo))
+    status = client.get_job_status(submission_id)
+    if status != JobStatus.SUCCEEDED:
+        raise JobError(f"job {submission_id} ended {status.value}; see its logs above")
+    return str(status.value)
+
+
+async def _stream_logs(
+    client: JobSubmissionClient, submission_id: str, echo: Callable[[str], None]
+) -> None:
+    async for lines in client.tail_job_logs(submission_id):
+        echo(lines.rstrip("\n"))

@@ -1,0 +1,42 @@
+"""``mmtalker run`` and ``mmtalker submit``: a job spec run here or submitted to a cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mmtalker.model_cli import format_scores
+
+
+def run_command(
+    spec: Annotated[Path, typer.Argument(help="Job spec YAML, e.g. jobs/train.yaml.")],
+) -> None:
+    """Run a job spec on the current Ray cluster (RAY_ADDRESS, else a local one)."""
+    from mmtalker_platform.spec import load_spec
+    from mmtalker_platform.train import run_training
+
+    outcome = run_training(load_spec(spec))
+    version = outcome.version
+    typer.echo(
+        f"run {outcome.run_id}: {outcome.epochs} epochs, {outcome.resumes} resumes; registered "
+        f"{version.name} version {version.version} ({', '.join(version.aliases) or 'no alias'})"
+    )
+    scores = {k.removeprefix("test_"): v for k, v in outcome.test_metrics.items()}
+    typer.echo("test  " + format_scores(scores))
+
+
+def submit_command(
+    spec: Annotated[Path, typer.Argument(help="Job spec YAML inside the current directory.")],
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray Jobs API URL (default MMTALKER_RAY_DASHBOARD or local)."),
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Stream logs until the job ends.")] = True,
+) -> None:
+    """Submit a job spec to a Ray cluster through the Jobs API; exit non-zero if it fails."""
+    from mmtalker_platform.jobs import submit
+
+    status = submit(spec, address, wait=wait, echo=typer.echo)
+    typer.echo(status)

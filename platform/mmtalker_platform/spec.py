@@ -1,0 +1,112 @@
+"""Job specs: the pydantic-validated YAML files users submit (``jobs/train.yaml``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mmtalker.checkpoint import MODELS
+from mmtalker.errors import MMTalkerError
+from mmtalker.training import TrainConfig
+
+
+class SpecError(MMTalkerError):
+    """A job spec file is missing, not YAML, or fails validation."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    """Which model to train: a kind from the model registry and its architecture overrides."""
+
+    kind: str = "mmtalker"
+    config: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _known(self) -> ModelSpec:
+        if self.kind not in MODELS or self.kind == "static":
+            trainable = sorted(k for k in MODELS if k != "static")
+            raise ValueError(f"unknown model kind {self.kind!r}; trainable kinds: {trainable}")
+        MODELS[self.kind].config_class.model_validate(self.config)
+        return self
+
+
+class ScalingSpec(_Strict):
+    """Ray Train workers and what each one reserves."""
+
+    workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    #: Extra custom resources per worker (e.g. ``{"accelerator_type:H100": 0.01}``).
+    resources_per_worker: dict[str, float] = {}
+
+
+class CheckpointSpec(_Strict):
+    """Where runs and checkpoints go; S3 (``s3://bucket/prefix``) is needed across nodes."""
+
+    storage: str | None = None
+    num_to_keep: int = Field(2, ge=1)
+
+
+class MLflowSpec(_Strict):
+    """Tracking: experiment name, registered model name, optional tracking URI override."""
+
+    experiment: str = "mmtalker"
+    registered_model: str = "mmtalker"
+    tracking_uri: str | None = None
+
+
+class RaySpec(_Strict):
+    """How ``mmtalker submit`` packages the job for the Ray Jobs API."""
+
+    runtime_env: dict[str, Any] = {}
+    #: Paths left out of the uploaded working directory (gitignore syntax).
+    excludes: list[str] = [".venv/", "work/", ".git/", "**/__pycache__/", "*.egg-info/"]
+    #: CPUs reserved for the driver; 0 lets it share a node with training workers.
+    entrypoint_num_cpus: float = Field(0.0, ge=0)
+
+
+class TrainJobSpec(_Strict):
+    """A training job: data, model, schedule, scaling, checkpoints, tracking and packaging."""
+
+    kind: Literal["train"] = "train"
+    #: The run's name: re-running a job with the same name resumes it from its last checkpoint.
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    #: Dataset URI (a folder or s3:// prefix holding dataset.json).
+    data: str
+    model: ModelSpec = ModelSpec()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingSpec = ScalingSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    #: Worker failures survived per run; each resumes from the latest checkpoint.
+    max_failures: int = Field(3, ge=-1)
+    #: Rows held for per-epoch shuffling on each worker, on top of shuffled block order.
+    shuffle_buffer: int = Field(64, ge=0)
+    mlflow: MLflowSpec = MLflowSpec()
+    ray: RaySpec = RaySpec()
+
+
+def load_spec(path: str | Path) -> TrainJobSpec:
+    """Read and validate a job spec; every problem is one :class:`SpecError` line."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise SpecError(f"cannot read job spec {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path} is not valid YAML: {exc}".replace("\n", " ")) from exc
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path} must be a YAML mapping of spec fields, got {type(raw).__name__}")
+    try:
+        return TrainJobSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise SpecError(f"{path}: {problems}") from exc

@@ -1,0 +1,223 @@
+"""Distributed training: Ray Train workers running the library's Trainer, MLflow from rank 0.
+
+:func:`run_training` is the driver: it prepares tracking (the sqlite database is created here,
+before any worker logs), measures the training data's displacement scale with one Ray Data
+pass, runs a ``TorchTrainer`` whose workers stream their share of the shards, then scores the
+final checkpoint on the test split and registers it. Every epoch ends in a checkpoint, so a
+lost worker costs at most the epoch in progress; a job re-run under the same name continues
+from its last checkpoint (Ray Train restores its run state from the storage path).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import yaml
+from pydantic import BaseModel
+
+from mmtalker import storage
+from mmtalker.checkpoint import load_checkpoint, save_checkpoint
+from mmtalker.data.batch import collate
+from mmtalker.data.shards import Dataset, open_dataset
+from mmtalker.errors import MMTalkerError
+from mmtalker.nn.base import AnimationModel
+from mmtalker.storage import S3Settings
+from mmtalker.training import Trainer, evaluate, model_for_dataset, training_templates
+from mmtalker_platform import registry, tracking
+from mmtalker_platform.cluster import check_capacity, connect
+from mmtalker_platform.datasets import epoch_batches, measure_displacement_scale, read_split
+from mmtalker_platform.registry import ModelVersionInfo
+from mmtalker_platform.settings import PlatformSettings
+from mmtalker_platform.spec import TrainJobSpec
+
+MODEL_DIR = "model"
+STATE_FILE = "trainer.pt"
+
+
+class TrainingError(MMTalkerError):
+    """A training run failed after its retries, or left no checkpoint."""
+
+
+class WorkerConfig(BaseModel):
+    """What every worker gets: the spec plus what the driver resolved for it."""
+
+    spec: TrainJobSpec
+    tracking_uri: str
+    run_id: str
+    displacement_scale: float
+
+
+class TrainingOutcome(BaseModel):
+    """The result of a training job: its MLflow run, test metrics and registered version."""
+
+    run_id: str
+    epochs: int
+    resumes: int
+    test_metrics: dict[str, float]
+    version: ModelVersionInfo
+
+
+def train_loop(raw: dict[str, Any]) -> None:
+    """Ray Train worker: train this replica on its shard, report and checkpoint every epoch."""
+    config = WorkerConfig.model_validate(raw)
+    spec = config.spec
+    context = ray.train.get_context()
+    rank, workers = context.get_world_rank(), context.get_world_size()
+    dataset = open_dataset(spec.data, S3Settings())
+    templates = training_templates(dataset)
+    torch.manual_seed(spec.train.seed)
+    model = model_for_dataset(spec.model.kind, spec.model.config, dataset)
+    model.displacement_scale.fill_(config.displacement_scale)
+    per_worker = dataset.manifest.splits["train"].num_sequences // workers
+    steps = math.ceil(per_worker / spec.train.batch_size) * spec.train.epochs
+    ddp = {"find_unused_parameters": not model.all_parameters_used}
+    trainer = Trainer(
+        model, spec.train, steps, device=ray.train.torch.get_device(),
+        wrap=lambda m: ray.train.torch.prepare_model(m, parallel_strategy_kwargs=ddp),
+    )  # fmt: skip
+    epoch, resumes, step = 0, 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            epoch, step, resumes = _restore(Path(directory), trainer)
+        resumes += 1
+    shard = ray.train.get_dataset_shard("train")
+    speaker_index = {name: i for i, name in enumerate(model.speakers)}
+    rng = np.random.default_rng([spec.train.seed, epoch, rank])
+    while epoch < spec.train.epochs:
+        losses = []
+        seed = spec.train.seed * 1_000_003 + epoch * 1009 + rank
+        for group in epoch_batches(shard, spec.train.batch_size, spec.shuffle_buffer, seed):
+            batch = collate(group, templates, speaker_index, spec.train.max_frames, rng)
+            losses.append(trainer.step(batch)["loss"])
+            step += 1
+        epoch += 1
+        metrics: dict[str, float] = {
+            "epoch": epoch, "step": step, "resumes": resumes,
+            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+        }  # fmt: skip
+        if rank != 0:
+            ray.train.report(metrics)
+            continue
+        if "val" in dataset.manifest.splits:
+            scores = evaluate(
+                trainer.module, dataset.sequences("val"), dataset.templates, trainer.device
+            )
+            metrics.update({f"val_{k}": float(v) for k, v in scores.as_dict().items()})
+        tracking.log_metrics(config.tracking_uri, config.run_id, metrics, step=epoch)
+        with tempfile.TemporaryDirectory() as directory:
+            _save(Path(directory), trainer, dataset, templates, epoch, step, resumes, spec.name)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _save(
+    directory: Path, trainer: Trainer, dataset: Dataset, templates: dict[str, np.ndarray],
+    epoch: int, step: int, resumes: int, job: str,
+) -> None:  # fmt: skip
+    manifest = dataset.manifest
+    save_checkpoint(
+        directory / MODEL_DIR, trainer.module, templates, manifest.fps, manifest.sample_rate,
+        {"job": job, "dataset": dataset.uri, "epoch": epoch},
+    )  # fmt: skip
+    state = {"trainer": trainer.state_dict(), "epoch": epoch, "step": step, "resumes": resumes}
+    torch.save(state, directory / STATE_FILE)
+
+
+def _restore(directory: Path, trainer: Trainer) -> tuple[int, int, int]:
+    weights = load_checkpoint(directory / MODEL_DIR).model.state_dict()
+    trainer.module.load_state_dict(weights)
+    # weights_only: the state holds tensors and numbers, and nothing else may be unpickled.
+    state = torch.load(directory / STATE_FILE, map_location=trainer.device, weights_only=True)
+    trainer.load_state_dict(state["trainer"])
+    return int(state["epoch"]), int(state["step"]), int(state["resumes"])
+
+
+def _run_config(spec: TrainJobSpec, settings: PlatformSettings) -> ray.train.RunConfig:
+    location = spec.checkpoint.storage or str(settings.local_storage)
+    filesystem, path = storage.resolve(location, settings.s3)
+    return ray.train.RunConfig(
+        name=spec.name,
+        storage_path=path,
+        storage_filesystem=filesystem,
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.checkpoint.num_to_keep),
+        failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
+    )
+
+
+def _scaling(spec: TrainJobSpec) -> ray.train.ScalingConfig:
+    scaling = spec.scaling
+    resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = 1
+    return ray.train.ScalingConfig(
+        num_workers=scaling.workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+    )
+
+
+def run_training(spec: TrainJobSpec, settings: PlatformSettings | None = None) -> TrainingOutcome:
+    """Run a training job on the current Ray cluster: train, test, register."""
+    settings = settings or PlatformSettings()
+    connect(settings)
+    check_capacity(spec.scaling.workers, spec.scaling.cpus_per_worker)
+    dataset = open_dataset(spec.data, settings.s3)
+    if "test" not in dataset.manifest.splits:
+        raise TrainingError(f"{spec.data} has no test split to score the trained model on")
+    tracking_uri = spec.mlflow.tracking_uri or settings.tracking_uri
+    experiment = tracking.prepare_tracking(tracking_uri, spec.mlflow.experiment)
+    run_id, _ = tracking.start_or_resume_run(
+        tracking_uri, experiment, spec.name, spec.model_dump(mode="json")
+    )
+    with tempfile.TemporaryDirectory() as directory:
+        resolved = spec.model_dump(mode="json")
+        (Path(directory) / "train.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        tracking.log_artifacts(tracking_uri, run_id, directory, "job")
+    train_data = read_split(dataset, "train", settings.s3)
+    scale = measure_displacement_scale(train_data, training_templates(dataset))
+    backend = "nccl" if spec.scaling.use_gpu else "gloo"
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop,
+        train_loop_config=WorkerConfig(
+            spec=spec, tracking_uri=tracking_uri, run_id=run_id, displacement_scale=scale
+        ).model_dump(mode="json"),
+        torch_config=ray.train.torch.TorchConfig(backend=backend),
+        scaling_config=_scaling(spec),
+        run_config=_run_config(spec, settings),
+        datasets={"train": train_data},
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        tracking.finish_run(tracking_uri, run_id, "FAILED")
+        raise TrainingError(f"training job {spec.name!r} failed: {exc}") from exc
+    if result.checkpoint is None:
+        tracking.finish_run(tracking_uri, run_id, "FAILED")
+        raise TrainingError(f"training job {spec.name!r} finished without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        model_dir = Path(directory) / MODEL_DIR
+        model = load_checkpoint(model_dir).model
+        test = _test_metrics(model, dataset)
+        tracking.log_metrics(tracking_uri, run_id, test, step=spec.train.epochs)
+        version = registry.register(
+            tracking_uri, run_id, model_dir, spec.mlflow.registered_model,
+            {k.removeprefix("test_"): v for k, v in test.items()},
+        )  # fmt: skip
+    tracking.finish_run(tracking_uri, run_id, "FINISHED")
+    return TrainingOutcome(
+        run_id=run_id,
+        epochs=int(result.metrics.get("epoch", 0)),
+        resumes=int(result.metrics.get("resumes", 0)),
+        test_metrics=test,
+        version=version,
+    )
+
+
+def _test_metrics(model: AnimationModel, dataset: Dataset) -> dict[str, float]:
+    scores = evaluate(model, dataset.sequences("test"), dataset.templates)
+    return {f"test_{k}": float(v) for k, v in scores.as_dict().items()}

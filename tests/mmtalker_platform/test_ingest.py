@@ -1,0 +1,62 @@
+"""Ray Data ingest of shards: decoded rows, equal streaming shares, length-grouped batches."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from ray.data import DataIterator
+
+from mmtalker.data.sequence import Sequence
+from mmtalker.data.shards import open_dataset
+from mmtalker.storage import S3Settings
+from mmtalker.training import displacement_scale, training_templates
+from mmtalker_platform.datasets import epoch_batches, measure_displacement_scale, read_split
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_split_rows_decode_to_the_stored_sequences(local_ray: None, tiny_corpus_s3: str) -> None:
+    dataset = open_dataset(tiny_corpus_s3, S3Settings())
+    rows = read_split(dataset, "val", S3Settings()).take_all()
+    expected = {s.sequence_id: s for s in dataset.sequences("val")}
+    assert sorted(r["sequence_id"] for r in rows) == sorted(expected)
+    for row in rows:
+        seq = expected[row["sequence_id"]]
+        np.testing.assert_array_equal(row["vertices"], seq.vertices)
+        np.testing.assert_array_equal(row["audio"], seq.audio)
+        assert row["speaker"] == seq.speaker and row["sample_rate"] == seq.sample_rate
+
+
+def test_streaming_shares_give_equal_length_grouped_batches(
+    local_ray: None, tiny_corpus_s3: str
+) -> None:
+    dataset = open_dataset(tiny_corpus_s3, S3Settings())
+    shares = read_split(dataset, "train", S3Settings()).streaming_split(2, equal=True)
+
+    def two_epochs(share: DataIterator) -> list[list[list[Sequence]]]:
+        return [list(epoch_batches(share, 4, 16, seed)) for seed in (0, 1)]
+
+    # Shares of a streaming split must be read concurrently, as training workers do.
+    with ThreadPoolExecutor(2) as pool:
+        epochs = list(pool.map(two_epochs, shares))
+    seen = [s.sequence_id for share in epochs for batch in share[0] for s in batch]
+    assert len(seen) == len(set(seen))  # nothing twice within an epoch
+    assert len(seen) >= dataset.manifest.splits["train"].num_sequences - 1
+    counts = [[len(epoch) for epoch in share] for share in epochs]
+    assert counts[0] == counts[1]  # DDP needs the same number of steps on every worker
+    for share in epochs:
+        first, second = ([s.sequence_id for b in epoch for s in b] for epoch in share)
+        assert first != second and sorted(first) == sorted(second)  # reshuffled per epoch
+        for batch in share[0]:
+            lengths = [s.num_frames for s in batch]
+            assert max(lengths) - min(lengths) <= 0.5 * max(lengths)
+
+
+def test_displacement_scale_in_one_distributed_pass(local_ray: None, tiny_corpus: str) -> None:
+    dataset = open_dataset(tiny_corpus)
+    templates = training_templates(dataset)
+    measured = measure_displacement_scale(read_split(dataset, "train"), templates)
+    expected = displacement_scale(dataset.sequences("train"), templates)
+    assert measured == pytest.approx(expected, rel=1e-6)
