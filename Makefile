@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	@touch $(STAMP)
 
+# Synthesise the demo corpus, train on it with Ray Train (2 workers), register, list versions.
 demo: setup
 	$(BIN)/mmtalker data synth --out $(WORK)/datasets/demo --overwrite
+	$(BIN)/mmtalker run jobs/train.yaml
+	$(BIN)/mmtalker models list
 
 # One thread per test process: the suite is many small ops, and on 2 cores torch's default
 # thread pool stalled under any other load (23 min instead of under 3).
@@ -42,6 +45,7 @@ bench: setup
 	$(BIN)/python bench/corpus.py
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/accuracy.py
+	$(BIN)/python bench/train_throughput.py
 
 clean:
 	rm -rf $(WORK) .pytest_cache .ruff_cache

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,16 +93,23 @@ def train_loop(raw: dict[str, Any]) -> None:
     speaker_index = {name: i for i, name in enumerate(model.speakers)}
     rng = np.random.default_rng([spec.train.seed, epoch, rank])
     while epoch < spec.train.epochs:
-        losses = []
+        # Summed over workers: loss, batches, real frames trained.
+        totals = torch.zeros(3, dtype=torch.float64)
+        started = time.perf_counter()
         seed = spec.train.seed * 1_000_003 + epoch * 1009 + rank
         for group in epoch_batches(shard, spec.train.batch_size, spec.shuffle_buffer, seed):
             batch = collate(group, templates, speaker_index, spec.train.max_frames, rng)
-            losses.append(trainer.step(batch)["loss"])
+            totals += torch.tensor([trainer.step(batch)["loss"], 1, batch.frame_lengths.sum()])
             step += 1
+        seconds = time.perf_counter() - started
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)
         epoch += 1
+        loss_sum, batches, frames = totals.tolist()
         metrics: dict[str, float] = {
             "epoch": epoch, "step": step, "resumes": resumes,
-            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "train_loss": loss_sum / batches if batches else float("nan"),
+            "epoch_seconds": seconds, "train_frames_per_s": frames / seconds,
         }  # fmt: skip
         if rank != 0:
             ray.train.report(metrics)
@@ -112,6 +120,12 @@ def train_loop(raw: dict[str, Any]) -> None:
             )
             metrics.update({f"val_{k}": float(v) for k, v in scores.as_dict().items()})
         tracking.log_metrics(config.tracking_uri, config.run_id, metrics, step=epoch)
+        print(
+            f"epoch {epoch}/{spec.train.epochs}: train loss {metrics['train_loss']:.4f}, "
+            f"{metrics['train_frames_per_s']:.0f} frames/s"
+            + (f", val LVE {metrics['val_lve'] * 1e5:.3f}e-5" if "val_lve" in metrics else ""),
+            flush=True,
+        )
         with tempfile.TemporaryDirectory() as directory:
             _save(Path(directory), trainer, dataset, templates, epoch, step, resumes, spec.name)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

@@ -6,8 +6,9 @@ import os
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pyarrow.fs as pafs
@@ -33,6 +34,29 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ports() -> Callable[[], int]:
+    """Free TCP ports on 127.0.0.1, one per call."""
+    return free_port
+
+
+@pytest.fixture
+def small_job() -> dict[str, Any]:
+    """Spec fields for a quick training job: a small MMTalker, short crops, 2 CPU workers."""
+    return {
+        "model": {
+            "kind": "mmtalker",
+            "config": {
+                "speech": {"dim": 32, "levels": 2, "n_mels": 32},
+                "dim": 32, "heads": 2, "clusters": [48, 12], "basis": 16, "fourier_bands": 4,
+                "head_hidden": 32,
+            },
+        },
+        "train": {"epochs": 1, "batch_size": 4, "max_frames": 45, "warmup_steps": 2},
+        "scaling": {"workers": 2, "cpus_per_worker": 1},
+    }  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pytest
@@ -18,21 +19,14 @@ from mmtalker_platform.train import TrainingOutcome, run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-SMALL_MMTALKER = {
-    "speech": {"dim": 32, "levels": 2, "n_mels": 32},
-    "dim": 32, "heads": 2, "clusters": [48, 12], "basis": 16, "fourier_bands": 4,
-    "head_hidden": 32,
-}  # fmt: skip
 
-
-def _spec(name: str, data: str, storage: Path, epochs: int = 2) -> TrainJobSpec:
+def _spec(job: dict[str, Any], name: str, data: str, storage: Path, epochs: int) -> TrainJobSpec:
     return TrainJobSpec.model_validate(
         {
+            **job,
             "name": name,
             "data": data,
-            "model": {"kind": "mmtalker", "config": SMALL_MMTALKER},
-            "train": {"epochs": epochs, "batch_size": 4, "max_frames": 45, "warmup_steps": 2},
-            "scaling": {"workers": 2, "cpus_per_worker": 1},
+            "train": {**job["train"], "epochs": epochs},
             "checkpoint": {"storage": str(storage), "num_to_keep": 2},
             "max_failures": 2,
         }
@@ -44,10 +38,11 @@ def _settings(tmp_path: Path) -> PlatformSettings:
 
 
 def test_two_workers_train_track_and_register(
-    local_ray: None, tiny_corpus_s3: str, tmp_path: Path
+    local_ray: None, tiny_corpus_s3: str, tmp_path: Path, small_job: dict[str, Any]
 ) -> None:
     settings = _settings(tmp_path)
-    outcome = run_training(_spec("two-workers", tiny_corpus_s3, tmp_path / "runs"), settings)
+    spec = _spec(small_job, "two-workers", tiny_corpus_s3, tmp_path / "runs", 2)
+    outcome = run_training(spec, settings)
     assert outcome.epochs == 2 and outcome.resumes == 0
     assert outcome.test_metrics["test_lve"] > 0
     assert outcome.version.version == 1
@@ -62,7 +57,7 @@ def test_two_workers_train_track_and_register(
     assert "test_lve" in run.data.metrics
     # Re-running the finished job under its name resumes from its last checkpoint: no epoch is
     # trained again (the new MLflow run logs none), the model is tested and registered again.
-    again = run_training(_spec("two-workers", tiny_corpus_s3, tmp_path / "runs"), settings)
+    again = run_training(spec, settings)
     assert again.epochs == 2 and again.version.version == 2
     assert again.run_id != outcome.run_id
     assert client.get_metric_history(again.run_id, "val_lve") == []
@@ -85,7 +80,7 @@ def _kill_a_worker_after_the_first_checkpoint(storage: Path, done: threading.Eve
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(
-    local_ray: None, tiny_corpus_s3: str, tmp_path: Path
+    local_ray: None, tiny_corpus_s3: str, tmp_path: Path, small_job: dict[str, Any]
 ) -> None:
     storage = tmp_path / "runs"
     done = threading.Event()
@@ -94,7 +89,9 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(
     def train() -> None:
         try:
             outcome.append(
-                run_training(_spec("killed", tiny_corpus_s3, storage, 4), _settings(tmp_path))
+                run_training(
+                    _spec(small_job, "killed", tiny_corpus_s3, storage, 4), _settings(tmp_path)
+                )
             )
         finally:
             done.set()

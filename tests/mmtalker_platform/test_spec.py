@@ -1,0 +1,62 @@
+"""Job specs: the shipped spec validates; bad files give one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mmtalker.cli import run
+from mmtalker_platform.cli import app
+from mmtalker_platform.spec import SpecError, TrainJobSpec, load_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_shipped_train_spec_is_valid() -> None:
+    spec = load_spec(ROOT / "jobs" / "train.yaml")
+    assert spec.scaling.workers == 2 and spec.model.kind == "mmtalker"
+    assert ".venv/" in spec.ray.excludes
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("name: x\n", r"data: Field required"),
+        ("name: x\ndata: d\nscaling: {workers: 0}\n", r"scaling\.workers: .*greater than"),
+        ("name: x\ndata: d\ntrain: {epochs: 2, learning_rat: 1}\n", r"train\.learning_rat"),
+        ("name: x\ndata: d\nmodel: {kind: transformer}\n", r"unknown model kind 'transformer'"),
+        ("name: x\ndata: d\nmodel: {config: {dim: 30}}\n", r"model: .*speech\.dim"),
+        ("name: 'bad name'\ndata: d\n", r"name: String should match"),
+        ("- a list\n", r"must be a YAML mapping"),
+        ("name: [unclosed\n", r"not valid YAML"),
+    ],
+)
+def test_bad_specs_name_the_field(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "train.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError, match=message) as info:
+        load_spec(path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_missing_spec_file(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="cannot read job spec"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_the_cli_reports_a_bad_spec_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "train.yaml"
+    path.write_text("name: x\ndata: d\nscaling: {workers: -1}\n")
+    assert run(app, ["run", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "scaling.workers" in err
+
+
+def test_specs_round_trip_through_their_json_form() -> None:
+    spec = TrainJobSpec(name="a", data="s3://bucket/data")
+    assert TrainJobSpec.model_validate(spec.model_dump(mode="json")) == spec
+    assert CliRunner().invoke(app, ["run", "--help"]).exit_code == 0
