@@ -87,8 +87,19 @@ class TrainJobSpec(_Strict):
     max_failures: int = Field(3, ge=-1)
     #: Rows held for per-epoch shuffling on each worker, on top of shuffled block order.
     shuffle_buffer: int = Field(64, ge=0)
+    #: Keep the decoded training split in Ray's object store (spilled to disk past its memory)
+    #: so epochs skip reading and decoding; turn off for corpora far beyond the cluster's disk.
+    cache_data: bool = True
     mlflow: MLflowSpec = MLflowSpec()
     ray: RaySpec = RaySpec()
+
+    @model_validator(mode="after")
+    def _epochs_bound_the_run(self) -> TrainJobSpec:
+        # Every worker would have to stop at the same step; a wall-clock budget cannot promise
+        # that, and a worker that stops alone leaves the others waiting in a collective.
+        if self.train.time_budget_s is not None:
+            raise ValueError("train.time_budget_s is for single-process training; use epochs")
+        return self
 
 
 def load_spec(path: str | Path) -> TrainJobSpec:

@@ -78,10 +78,9 @@ def train_loop(raw: dict[str, Any]) -> None:
     model.displacement_scale.fill_(config.displacement_scale)
     per_worker = dataset.manifest.splits["train"].num_sequences // workers
     steps = math.ceil(per_worker / spec.train.batch_size) * spec.train.epochs
-    ddp = {"find_unused_parameters": not model.all_parameters_used}
     trainer = Trainer(
         model, spec.train, steps, device=ray.train.torch.get_device(),
-        wrap=lambda m: ray.train.torch.prepare_model(m, parallel_strategy_kwargs=ddp),
+        wrap=lambda m: _data_parallel(m, workers, not model.all_parameters_used),
     )  # fmt: skip
     epoch, resumes, step = 0, 0, 0
     checkpoint = ray.train.get_checkpoint()
@@ -129,6 +128,14 @@ def train_loop(raw: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as directory:
             _save(Path(directory), trainer, dataset, templates, epoch, step, resumes, spec.name)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _data_parallel(model: torch.nn.Module, workers: int, find_unused: bool) -> torch.nn.Module:
+    # A single worker has nothing to synchronise: DDP's gradient buckets would only cost time.
+    if workers == 1:
+        return ray.train.torch.prepare_model(model, parallel_strategy=None)
+    kwargs = {"find_unused_parameters": find_unused}
+    return ray.train.torch.prepare_model(model, parallel_strategy_kwargs=kwargs)
 
 
 def _save(
@@ -192,7 +199,7 @@ def run_training(spec: TrainJobSpec, settings: PlatformSettings | None = None) -
         resolved = spec.model_dump(mode="json")
         (Path(directory) / "train.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         tracking.log_artifacts(tracking_uri, run_id, directory, "job")
-    train_data = read_split(dataset, "train", settings.s3)
+    train_data = read_split(dataset, "train", settings.s3, cache=spec.cache_data)
     scale = measure_displacement_scale(train_data, training_templates(dataset))
     backend = "nccl" if spec.scaling.use_gpu else "gloo"
     trainer = ray.train.torch.TorchTrainer(

@@ -29,11 +29,12 @@ def test_split_rows_decode_to_the_stored_sequences(local_ray: None, tiny_corpus_
         assert row["speaker"] == seq.speaker and row["sample_rate"] == seq.sample_rate
 
 
+@pytest.mark.parametrize("cache", [False, True])
 def test_streaming_shares_give_equal_length_grouped_batches(
-    local_ray: None, tiny_corpus_s3: str
+    local_ray: None, tiny_corpus_s3: str, cache: bool
 ) -> None:
     dataset = open_dataset(tiny_corpus_s3, S3Settings())
-    shares = read_split(dataset, "train", S3Settings()).streaming_split(2, equal=True)
+    shares = read_split(dataset, "train", S3Settings(), cache).streaming_split(2, equal=True)
 
     def two_epochs(share: DataIterator) -> list[list[list[Sequence]]]:
         return [list(epoch_batches(share, 4, 16, seed)) for seed in (0, 1)]

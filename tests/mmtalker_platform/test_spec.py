@@ -29,6 +29,7 @@ def test_the_shipped_train_spec_is_valid() -> None:
         ("name: x\ndata: d\nmodel: {kind: transformer}\n", r"unknown model kind 'transformer'"),
         ("name: x\ndata: d\nmodel: {config: {dim: 30}}\n", r"model: .*speech\.dim"),
         ("name: 'bad name'\ndata: d\n", r"name: String should match"),
+        ("name: x\ndata: d\ntrain: {time_budget_s: 60}\n", r"time_budget_s is for single"),
         ("- a list\n", r"must be a YAML mapping"),
         ("name: [unclosed\n", r"not valid YAML"),
     ],
