@@ -23,3 +23,7 @@ class StorageError(MMTalkerError):
 
 class AudioError(MMTalkerError):
     """Audio is unreadable, empty or not finite."""
+
+
+class ExportError(MMTalkerError, ValueError):
+    """An animation cannot be exported or read back: bad shape, values, format or file."""

@@ -28,6 +28,9 @@ def test_unsupported_or_malformed_uris_raise_storage_error(uri: str) -> None:
 
 
 def test_settings_read_standard_aws_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Other tests may have exported the higher-priority variants for Ray processes.
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")

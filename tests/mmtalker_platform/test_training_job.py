@@ -64,19 +64,29 @@ def test_two_workers_train_track_and_register(
     assert again.test_metrics == outcome.test_metrics
 
 
-def _kill_a_worker_after_the_first_checkpoint(storage: Path, done: threading.Event) -> list[int]:
-    killed: list[int] = []
+def _train_workers(state: str | None = None) -> dict[str, int]:
+    filters = [("class_name", "=", "RayTrainWorker")]
+    if state:
+        filters.append(("state", "=", state))
+    return {actor.actor_id: actor.pid for actor in list_actors(filters=filters)}
+
+
+def _kill_a_worker_mid_run(storage: Path, done: threading.Event, earlier: set[str]) -> list[int]:
+    """SIGKILL one of this run's training workers once a checkpoint is surely registered.
+
+    A checkpoint folder appears while it is uploaded, before Ray Train records it; once the
+    second one appears the first is on record. Workers of earlier runs are left out: their
+    processes may live on as idle Ray workers.
+    """
     while not done.is_set():
-        if any(storage.glob("*/checkpoint_*")):
-            workers = list_actors(
-                filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
-            )
-            if workers:
-                os.kill(workers[-1].pid, signal.SIGKILL)
-                killed.append(workers[-1].pid)
-                return killed
-        time.sleep(0.2)
-    return killed
+        if len(list(storage.glob("*/checkpoint_*"))) >= 2:
+            current = {a: p for a, p in _train_workers("ALIVE").items() if a not in earlier}
+            if current:
+                pid = max(current.values())
+                os.kill(pid, signal.SIGKILL)
+                return [pid]
+        time.sleep(0.1)
+    return []
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(
@@ -90,16 +100,17 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(
         try:
             outcome.append(
                 run_training(
-                    _spec(small_job, "killed", tiny_corpus_s3, storage, 4), _settings(tmp_path)
+                    _spec(small_job, "killed", tiny_corpus_s3, storage, 6), _settings(tmp_path)
                 )
             )
         finally:
             done.set()
 
+    earlier = set(_train_workers())
     thread = threading.Thread(target=train)
     thread.start()
-    killed = _kill_a_worker_after_the_first_checkpoint(storage, done)
+    killed = _kill_a_worker_mid_run(storage, done, earlier)
     thread.join()
     assert killed, "the run ended before a worker could be killed"
-    assert outcome and outcome[0].epochs == 4
+    assert outcome and outcome[0].epochs == 6
     assert outcome[0].resumes == 1
