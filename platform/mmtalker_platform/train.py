@@ -185,6 +185,10 @@ def _scaling(spec: TrainJobSpec) -> ray.train.ScalingConfig:
 def run_training(spec: TrainJobSpec, settings: PlatformSettings | None = None) -> TrainingOutcome:
     """Run a training job on the current Ray cluster: train, test, register."""
     settings = settings or PlatformSettings()
+    if "://" not in spec.data:
+        # Workers do not run in the driver's directory; across nodes a local path must be on
+        # a shared filesystem (or the data on s3://) anyway.
+        spec = spec.model_copy(update={"data": str(Path(spec.data).resolve())})
     connect(settings)
     check_capacity(spec.scaling.workers, spec.scaling.cpus_per_worker)
     dataset = open_dataset(spec.data, settings.s3)
