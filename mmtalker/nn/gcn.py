@@ -123,8 +123,8 @@ class MeshEncoder(nn.Module):
         self.token_position = nn.Parameter(torch.zeros(self.num_tokens, dim))
 
     def _register_adjacency(self, level: int, edges: np.ndarray, num_nodes: int) -> None:
-        # Dense index/value buffers, not a sparse tensor: they move with .to() and DDP can
-        # broadcast them; the sparse view is rebuilt per forward, which costs nothing.
+        # Dense index/value buffers, not a sparse tensor: they move with .to() and DDP can sync
+        # them at wrap time; the sparse view is rebuilt per forward, which costs nothing.
         index, weight = normalized_adjacency(edges, num_nodes)
         self.register_buffer(f"adjacency_index_{level}", index, persistent=False)
         self.register_buffer(f"adjacency_weight_{level}", weight, persistent=False)

@@ -10,15 +10,20 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from mmtalker.errors import MMTalkerError
 from mmtalker_platform.settings import PlatformSettings
 from mmtalker_platform.spec import TrainJobSpec, load_spec
+
+#: Seconds between status checks when the log stream ends before the job does.
+POLL_SECONDS = 2.0
 
 
 class JobError(MMTalkerError):
@@ -30,9 +35,20 @@ def entrypoint(spec_file: str) -> str:
     return f"mmtalker run {shlex.quote(spec_file)}"
 
 
-def runtime_env(spec: TrainJobSpec, working_dir: Path) -> dict[str, object]:
-    """The job's runtime environment: the working directory (with excludes) and the spec's."""
-    return {"working_dir": str(working_dir), "excludes": spec.ray.excludes, **spec.ray.runtime_env}
+def runtime_env(
+    spec: TrainJobSpec, working_dir: Path, settings: PlatformSettings
+) -> dict[str, object]:
+    """The job's runtime environment: the working directory (with excludes) and the spec's.
+
+    The job runs in an unpacked copy of the working directory, so the platform's work folder
+    (default MLflow database, local checkpoints) is pinned to the submitter's absolute one.
+    """
+    env: dict[str, Any] = {**spec.ray.runtime_env}
+    env_vars = {"MMTALKER_WORK_DIR": str(settings.work_dir.resolve()), **env.get("env_vars", {})}
+    return {
+        "working_dir": str(working_dir), "excludes": spec.ray.excludes,
+        **env, "env_vars": env_vars,
+    }  # fmt: skip
 
 
 def submit(
@@ -56,13 +72,18 @@ def submit(
             f"{spec_path} is outside the working directory {working_dir}, which is what gets "
             "uploaded; run mmtalker submit from the project folder"
         ) from None
+    if "://" not in spec.data and not Path(spec.data).is_absolute():
+        raise JobError(
+            f"data {spec.data!r} is relative to this machine's folder, which the job does not "
+            "run in; give an absolute path the cluster can read, or an s3:// URI"
+        )
     os.environ.setdefault("RAY_AUTH_MODE", settings.ray_auth_mode)
     url = address or settings.ray_dashboard
     try:
         client = JobSubmissionClient(url)
         submission_id = client.submit_job(
             entrypoint=entrypoint(relative.as_posix()),
-            runtime_env=runtime_env(spec, working_dir),
+            runtime_env=runtime_env(spec, working_dir, settings),
             submission_id=f"{spec.name}-{uuid.uuid4().hex[:8]}",
             entrypoint_num_cpus=spec.ray.entrypoint_num_cpus,
         )
@@ -71,8 +92,14 @@ def submit(
     echo(f"submitted {submission_id} to {url}")
     if not wait:
         return submission_id
-    asyncio.run(_stream_logs(client, submission_id, echo))
+    try:
+        asyncio.run(_stream_logs(client, submission_id, echo))
+    except (OSError, RuntimeError) as exc:  # aiohttp's errors derive from these
+        echo(f"log stream interrupted ({exc}); waiting for the job to end")
     status = client.get_job_status(submission_id)
+    while not status.is_terminal():
+        time.sleep(POLL_SECONDS)
+        status = client.get_job_status(submission_id)
     if status != JobStatus.SUCCEEDED:
         raise JobError(f"job {submission_id} ended {status.value}; see its logs above")
     return str(status.value)

@@ -174,3 +174,9 @@ def finish_run(tracking_uri: str, run_id: str, status: RunStatus) -> None:
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def metric_steps(tracking_uri: str, run_id: str, key: str) -> list[int]:
+    """The steps at which ``key`` was logged in a run (empty if never)."""
+    history = MlflowClient(tracking_uri).get_metric_history(run_id, key)
+    return sorted(m.step for m in history)

@@ -80,7 +80,7 @@ def train_loop(raw: dict[str, Any]) -> None:
     steps = math.ceil(per_worker / spec.train.batch_size) * spec.train.epochs
     trainer = Trainer(
         model, spec.train, steps, device=ray.train.torch.get_device(),
-        wrap=lambda m: _data_parallel(m, workers, not model.all_parameters_used),
+        wrap=lambda m: _data_parallel(m, not model.all_parameters_used),
     )  # fmt: skip
     epoch, resumes, step = 0, 0, 0
     checkpoint = ray.train.get_checkpoint()
@@ -96,13 +96,19 @@ def train_loop(raw: dict[str, Any]) -> None:
         totals = torch.zeros(3, dtype=torch.float64)
         started = time.perf_counter()
         seed = spec.train.seed * 1_000_003 + epoch * 1009 + rank
+        # Distinct per rank and epoch: replicas must draw different surface points and dropout
+        # masks, and a resumed run must not replay the first epoch's draws.
+        torch.manual_seed(seed)
         for group in epoch_batches(shard, spec.train.batch_size, spec.shuffle_buffer, seed):
             batch = collate(group, templates, speaker_index, spec.train.max_frames, rng)
             totals += torch.tensor([trainer.step(batch)["loss"], 1, batch.frame_lengths.sum()])
             step += 1
         seconds = time.perf_counter() - started
         if torch.distributed.is_initialized():
+            # NCCL only reduces tensors on the GPU; gloo takes them where they are.
+            totals = totals.to(trainer.device)
             torch.distributed.all_reduce(totals)
+            totals = totals.cpu()
         epoch += 1
         loss_sum, batches, frames = totals.tolist()
         metrics: dict[str, float] = {
@@ -130,11 +136,10 @@ def train_loop(raw: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def _data_parallel(model: torch.nn.Module, workers: int, find_unused: bool) -> torch.nn.Module:
-    # A single worker has nothing to synchronise: DDP's gradient buckets would only cost time.
-    if workers == 1:
-        return ray.train.torch.prepare_model(model, parallel_strategy=None)
-    kwargs = {"find_unused_parameters": find_unused}
+def _data_parallel(model: torch.nn.Module, find_unused: bool) -> torch.nn.Module:
+    # Buffers (mesh graph, pooling, masks) never change in training: broadcasting them before
+    # every step would be pure traffic. Ray Train skips DDP itself for a single worker.
+    kwargs = {"find_unused_parameters": find_unused, "broadcast_buffers": False}
     return ray.train.torch.prepare_model(model, parallel_strategy_kwargs=kwargs)
 
 
@@ -224,6 +229,14 @@ def run_training(spec: TrainJobSpec, settings: PlatformSettings | None = None) -
     if result.checkpoint is None:
         tracking.finish_run(tracking_uri, run_id, "FAILED")
         raise TrainingError(f"training job {spec.name!r} finished without a checkpoint")
+    if not tracking.metric_steps(tracking_uri, run_id, "epoch"):
+        # Ray Train restored a run that had already done every epoch: registering its old
+        # weights again would only add a duplicate version.
+        tracking.finish_run(tracking_uri, run_id, "KILLED")
+        raise TrainingError(
+            f"job {spec.name!r} had already trained all {spec.train.epochs} epochs; nothing "
+            "was trained or registered. Use a new name, or raise train.epochs to continue it"
+        )
     with result.checkpoint.as_directory() as directory:
         model_dir = Path(directory) / MODEL_DIR
         model = load_checkpoint(model_dir).model

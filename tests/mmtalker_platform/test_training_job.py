@@ -13,9 +13,10 @@ import mlflow
 import pytest
 from ray.util.state import list_actors
 
+from mmtalker_platform import registry
 from mmtalker_platform.settings import PlatformSettings
 from mmtalker_platform.spec import TrainJobSpec
-from mmtalker_platform.train import TrainingOutcome, run_training
+from mmtalker_platform.train import TrainingError, TrainingOutcome, run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -55,13 +56,16 @@ def test_two_workers_train_track_and_register(
     history = client.get_metric_history(outcome.run_id, "val_lve")
     assert [m.step for m in history] == [1, 2]
     assert "test_lve" in run.data.metrics
-    # Re-running the finished job under its name resumes from its last checkpoint: no epoch is
-    # trained again (the new MLflow run logs none), the model is tested and registered again.
-    again = run_training(spec, settings)
-    assert again.epochs == 2 and again.version.version == 2
-    assert again.run_id != outcome.run_id
-    assert client.get_metric_history(again.run_id, "val_lve") == []
-    assert again.test_metrics == outcome.test_metrics
+    # Re-running the finished job under its name resumes from its last checkpoint, where no
+    # epoch is left: nothing is trained and no duplicate version is registered.
+    with pytest.raises(TrainingError, match="already trained all 2 epochs"):
+        run_training(spec, settings)
+    assert [v.version for v in registry.list_versions(settings.tracking_uri, "mmtalker")] == [1]
+    # Raising the epoch count continues the same Ray Train run from epoch 2.
+    longer = spec.model_copy(update={"train": spec.train.model_copy(update={"epochs": 3})})
+    more = run_training(longer, settings)
+    assert more.epochs == 3 and more.version.version == 2
+    assert [m.step for m in client.get_metric_history(more.run_id, "val_lve")] == [3]
 
 
 def _train_workers(state: str | None = None) -> dict[str, int]:
@@ -74,18 +78,20 @@ def _train_workers(state: str | None = None) -> dict[str, int]:
 def _kill_a_worker_mid_run(storage: Path, done: threading.Event, earlier: set[str]) -> list[int]:
     """SIGKILL one of this run's training workers once a checkpoint is surely registered.
 
-    A checkpoint folder appears while it is uploaded, before Ray Train records it; once the
-    second one appears the first is on record. Workers of earlier runs are left out: their
-    processes may live on as idle Ray workers.
+    The worker is found first (the state API is slow under load), then killed the moment the
+    second checkpoint folder appears: a folder appears while it is uploaded, before Ray Train
+    records it, so the first is on record by then. Workers of earlier runs are left out:
+    their processes may live on as idle Ray workers.
     """
+    pid = None
     while not done.is_set():
-        if len(list(storage.glob("*/checkpoint_*"))) >= 2:
-            current = {a: p for a, p in _train_workers("ALIVE").items() if a not in earlier}
-            if current:
-                pid = max(current.values())
-                os.kill(pid, signal.SIGKILL)
-                return [pid]
-        time.sleep(0.1)
+        if pid is None:
+            current = [p for a, p in _train_workers("ALIVE").items() if a not in earlier]
+            pid = max(current) if current else None
+        elif len(list(storage.glob("*/checkpoint_*"))) >= 2:
+            os.kill(pid, signal.SIGKILL)
+            return [pid]
+        time.sleep(0.05)
     return []
 
 
@@ -100,7 +106,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(
         try:
             outcome.append(
                 run_training(
-                    _spec(small_job, "killed", tiny_corpus_s3, storage, 6), _settings(tmp_path)
+                    _spec(small_job, "killed", tiny_corpus_s3, storage, 8), _settings(tmp_path)
                 )
             )
         finally:
@@ -112,5 +118,5 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(
     killed = _kill_a_worker_mid_run(storage, done, earlier)
     thread.join()
     assert killed, "the run ended before a worker could be killed"
-    assert outcome and outcome[0].epochs == 6
+    assert outcome and outcome[0].epochs == 8
     assert outcome[0].resumes == 1
