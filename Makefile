@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # Synthesise the demo corpus, train on it with Ray Train (2 workers), register, list versions.
+# Each demo is a fresh run: the previous one's Ray Train state would make the job a finished one.
 demo: setup
 	$(BIN)/mmtalker data synth --out $(WORK)/datasets/demo --overwrite
+	rm -rf $(WORK)/ray_results/demo
 	$(BIN)/mmtalker run jobs/train.yaml
 	$(BIN)/mmtalker models list
 
