@@ -76,10 +76,16 @@ def length_batches(
     pool = batch_size * 8
     groups = []
     for start in range(0, len(order), pool):
-        chunk = sorted(order[start : start + pool], key=lambda i: sequences[i].num_frames)
-        groups += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        chunk = [sequences[i] for i in order[start : start + pool]]
+        groups += similar_length_groups(chunk, batch_size)
     for index in rng.permutation(len(groups)):
-        yield [sequences[i] for i in groups[index]]
+        yield groups[index]
+
+
+def similar_length_groups(pool: Seq[Sequence], batch_size: int) -> list[list[Sequence]]:
+    """A pool of sequences sorted by length and cut into batches (the last may be short)."""
+    ordered = sorted(pool, key=lambda s: s.num_frames)
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
 def training_templates(dataset: Dataset) -> dict[str, np.ndarray]:

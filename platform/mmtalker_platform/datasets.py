@@ -22,6 +22,7 @@ from mmtalker.data.sequence import Sequence
 from mmtalker.data.shards import Dataset, table_to_sequences
 from mmtalker.errors import DatasetError
 from mmtalker.storage import S3Settings
+from mmtalker.training import similar_length_groups
 
 #: Rows per decode task: a few seconds of audio-mesh data each, small enough to stream.
 DECODE_BATCH_ROWS = 8
@@ -107,8 +108,7 @@ def epoch_batches(
         local_shuffle_buffer_size=shuffle_buffer or None,
         local_shuffle_seed=seed,
     ):
-        pool = sorted(rows_to_sequences(rows), key=lambda s: s.num_frames)
-        groups = [pool[i : i + batch_size] for i in range(0, len(pool), batch_size)]
+        groups = similar_length_groups(rows_to_sequences(rows), batch_size)
         for index in rng.permutation(len(groups)):
             yield groups[index]
 
