@@ -1,12 +1,14 @@
+import io
 import itertools
 import math
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 from mmtalker.errors import AudioError, MMTalkerError
-from mmtalker.inference import ChunkPlan, animate, prepare_audio
+from mmtalker.inference import ChunkPlan, Clip, animate, animate_clips, decode_audio, prepare_audio
 from mmtalker.nn.mmtalker import MMTalker
 
 
@@ -31,9 +33,13 @@ def test_short_audio_is_one_chunk_and_frames_follow_the_duration(
     out = animate(audio, template, small_model, fps=30.0)
     assert out.shape == (61, small_face[1].num_vertices, 3)  # ceil(2.00625 s x 30)
     small_model.eval()
+    # The model sees the audio zero-padded to whole frames (61 x 533.3 samples), marked as padding.
+    padded = np.zeros(round(61 * 16000 / 30), np.float32)
+    padded[: len(audio)] = audio
     with torch.no_grad():
-        disp = small_model.predict(
-            torch.from_numpy(audio)[None], 61, torch.as_tensor(template)[None]
+        state = small_model.prepare(torch.as_tensor(template)[None])
+        disp = small_model.animate(
+            torch.from_numpy(padded)[None], 61, state, audio_lengths=torch.tensor([len(audio)])
         )
     np.testing.assert_allclose(out, template + disp[0].numpy(), atol=1e-6)
 
@@ -66,3 +72,40 @@ def test_audio_preparation() -> None:
         prepare_audio(np.zeros(0), 16000, 16000)
     with pytest.raises(MMTalkerError, match="twice the"):
         animate(np.zeros(100), np.zeros((3, 3)), None, chunk_seconds=1.0, overlap_seconds=0.5)  # type: ignore[arg-type]
+
+
+def test_clips_animated_in_groups_equal_clips_animated_alone(
+    small_model: MMTalker, small_face: tuple
+) -> None:
+    templates = list(small_face[0].values())
+    rng = np.random.default_rng(2)
+    # Similar lengths share a padded group; 3.5 s exceeds the 3 s chunk and runs alone, chunked.
+    lengths = [16000, 17000, 15500, 56000, 5000, 400]
+    clips = [
+        Clip((rng.standard_normal(n) * 0.1).astype(np.float32), templates[i % 2], i % 2)
+        for i, n in enumerate(lengths)
+    ]
+    grouped = animate_clips(clips, small_model, chunk_seconds=3.0, overlap_seconds=0.5)
+    for clip, out in zip(clips, grouped, strict=True):
+        alone = animate(
+            clip.audio, clip.template, small_model, speaker=clip.speaker, chunk_seconds=3.0,
+            overlap_seconds=0.5,
+        )  # fmt: skip
+        assert out.shape == (math.ceil(len(clip.audio) / 16000 * 30), *clip.template.shape)
+        motion = np.abs(alone - clip.template).max()
+        assert motion > 0
+        np.testing.assert_allclose(out, alone, atol=1e-3 * motion)
+    assert animate_clips([], small_model) == []
+
+
+def test_decode_audio_reads_bytes_by_content() -> None:
+    tone = np.sin(np.arange(8000) / 10).astype(np.float32) * 0.5
+    for fmt in ("WAV", "FLAC", "OGG"):
+        buffer = io.BytesIO()
+        sf.write(buffer, np.stack([tone, tone], axis=1), 22050, format=fmt)
+        audio, rate = decode_audio(buffer.getvalue())
+        assert rate == 22050 and audio.shape[-1] == 2
+    with pytest.raises(AudioError, match="empty"):
+        decode_audio(b"")
+    with pytest.raises(AudioError, match="not a readable audio file"):
+        decode_audio(b"this is text, not sound")

@@ -64,12 +64,20 @@ class AnimationModel(nn.Module):
         raise NotImplementedError
 
     def animate(
-        self, audio: Tensor, num_frames: int, state: Any, out: Tensor | None = None
+        self,
+        audio: Tensor,
+        num_frames: int,
+        state: Any,
+        out: Tensor | None = None,
+        audio_lengths: Tensor | None = None,
+        frame_lengths: Tensor | None = None,
     ) -> Tensor:
         """Displacements (B, T, P, 3) for audio (B, N) given the prepared face state.
 
         With ``out`` (B, T, P, 3), the displacements are added into it (a buffer holding the
         neutral face yields positions without another pass over the output) and it is returned.
+        ``audio_lengths``/``frame_lengths`` (B,) mark padded clips; frames past a clip's length
+        are unspecified.
         """
         raise NotImplementedError
 

@@ -27,6 +27,12 @@ class StaticTemplate(AnimationModel):
         return templates.new_zeros(templates.shape[0], count, 3)
 
     def animate(
-        self, audio: Tensor, num_frames: int, state: Tensor, out: Tensor | None = None
+        self,
+        audio: Tensor,
+        num_frames: int,
+        state: Tensor,
+        out: Tensor | None = None,
+        audio_lengths: Tensor | None = None,
+        frame_lengths: Tensor | None = None,
     ) -> Tensor:
         return self.deliver(state[:, None].expand(-1, num_frames, -1, -1), out)

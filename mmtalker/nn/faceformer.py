@@ -208,7 +208,13 @@ class FaceFormer(AnimationModel):
         return self.styles(speakers, templates.shape[0])
 
     def animate(
-        self, audio: Tensor, num_frames: int, state: Tensor, out: Tensor | None = None
+        self,
+        audio: Tensor,
+        num_frames: int,
+        state: Tensor,
+        out: Tensor | None = None,
+        audio_lengths: Tensor | None = None,
+        frame_lengths: Tensor | None = None,
     ) -> Tensor:
         """Autoregressive displacements (B, T, V, 3) in dataset units, one frame per step.
 
@@ -216,7 +222,8 @@ class FaceFormer(AnimationModel):
         positions in all (O(T³) attention), so long audio gets slow.
         """
         self._check_length(num_frames)
-        features = self.audio_features(audio, num_frames)
+        # Decoding is causal, so padding frames at the end never reach a clip's own frames.
+        features = self.audio_features(audio, num_frames, audio_lengths)
         style = state[:, None]
         tokens = style
         frames = []

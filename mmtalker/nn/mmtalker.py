@@ -129,10 +129,16 @@ class MMTalker(AnimationModel):
         return self.fusion(levels, tokens, padding)
 
     def animate(
-        self, audio: Tensor, num_frames: int, state: FaceState, out: Tensor | None = None
+        self,
+        audio: Tensor,
+        num_frames: int,
+        state: FaceState,
+        out: Tensor | None = None,
+        audio_lengths: Tensor | None = None,
+        frame_lengths: Tensor | None = None,
     ) -> Tensor:
         """Displacements (B, T, P, 3) in dataset units, added into ``out`` when given."""
-        motion = self._motion(audio, num_frames, state.tokens, None, None)
+        motion = self._motion(audio, num_frames, state.tokens, audio_lengths, frame_lengths)
         return self.head(motion, state.basis, self.displacement_scale, out)
 
     def training_loss(self, batch: Batch, losses: LossConfig) -> tuple[Tensor, dict[str, float]]:
