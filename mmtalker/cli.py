@@ -130,6 +130,27 @@ def prepare(
     _print_info(out)
 
 
+@data_app.command("clips")
+def clips(
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder or s3:// prefix to write.")],
+    count: Annotated[int, typer.Option(help="Number of clips.")] = 12,
+    seed: Annotated[int, typer.Option(help="Random seed; clip i depends only on it.")] = 0,
+    containers: Annotated[
+        str, typer.Option(help="Comma-separated containers to cycle: wav, flac, ogg.")
+    ] = "wav,flac,ogg",
+) -> None:
+    """Write spoken sentences (espeak-ng) to animate: mixed rates, channels and formats."""
+    from mmtalker.data.clips import write_speech_clips
+
+    bar, update = _progress_bar("clips")
+    with bar:
+        uris = write_speech_clips(
+            out, count, seed=seed, containers=tuple(c for c in containers.split(",") if c),
+            progress=update,
+        )  # fmt: skip
+    typer.echo(f"wrote {len(uris)} clips under {out}")
+
+
 @data_app.command("info")
 def info(
     uri: Annotated[str, typer.Argument(help="Dataset folder or s3:// URI.")],

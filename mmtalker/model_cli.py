@@ -1,5 +1,5 @@
-"""``mmtalker train``, ``mmtalker evaluate`` and ``mmtalker animate``: the single-process model
-commands (the platform runs the same pieces on a Ray cluster).
+"""``mmtalker train`` and ``mmtalker evaluate``, and one-file animation: the single-process
+model commands (the platform runs the same pieces on a Ray cluster).
 """
 
 from __future__ import annotations
@@ -8,12 +8,15 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
 
 from mmtalker.errors import MMTalkerError
+
+if TYPE_CHECKING:
+    from mmtalker.checkpoint import Checkpoint
 
 #: How the published tables print each metric (vertices in metres): (label, factor).
 REPORTED = {
@@ -152,42 +155,38 @@ def evaluate_command(
         json_out.write_text(json.dumps(rows, indent=2))
 
 
-def animate_command(
-    audio: Annotated[Path, typer.Argument(help="Speech audio file (wav, flac, ogg).")],
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint folder.")],
-    out: Annotated[Path, typer.Option(help="Output .npz (vertices, fps, faces, topology_id).")],
-    speaker: Annotated[str | None, typer.Option(help="Training speaker whose face to use.")] = None,
-    chunk_seconds: Annotated[float, typer.Option(help="Audio per chunk (bounds memory).")] = 20.0,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-) -> None:
-    """Animate one audio file with a checkpoint and write the mesh sequence."""
-    import numpy as np
-
-    from mmtalker.checkpoint import load_checkpoint
+def animate_file(
+    checkpoint: Checkpoint,
+    audio: Path,
+    out: Path,
+    *,
+    speaker: str | None = None,
+    formats: set[str] | None = None,
+    chunk_seconds: float = 20.0,
+    device: str = "cpu",
+) -> str:
+    """Animate one audio file; write ``OUT.npz`` (+ ``.glb``, ``_obj/``); return a summary line."""
+    from mmtalker.export import write_outputs
     from mmtalker.inference import animate, load_audio
 
-    loaded = load_checkpoint(checkpoint, device)
-    name = speaker or loaded.model.speakers[0]
-    if name not in loaded.templates:
-        raise MMTalkerError(
-            f"unknown speaker {name!r}; this checkpoint has {loaded.model.speakers}"
-        )
+    name = speaker or checkpoint.model.speakers[0]
+    if name not in checkpoint.templates:
+        raise MMTalkerError(f"unknown speaker {name!r}; this model has {checkpoint.model.speakers}")
     samples, rate = load_audio(audio)
     started = time.perf_counter()
     vertices = animate(
-        samples, loaded.templates[name], loaded.model, sample_rate=rate,
-        model_sample_rate=loaded.sample_rate, fps=loaded.fps, chunk_seconds=chunk_seconds,
-        speaker=loaded.model.speakers.index(name), device=device,
+        samples, checkpoint.templates[name], checkpoint.model.to(device), sample_rate=rate,
+        model_sample_rate=checkpoint.sample_rate, fps=checkpoint.fps, chunk_seconds=chunk_seconds,
+        speaker=checkpoint.model.speakers.index(name), device=device,
     )  # fmt: skip
     elapsed = time.perf_counter() - started
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(
-        out, vertices=vertices, fps=np.float32(loaded.fps), faces=loaded.topology.faces,
-        topology_id=np.str_(loaded.topology.id),
-    )  # fmt: skip
+    base = out.with_suffix("") if out.suffix in (".npz", ".glb") else out
+    uris = write_outputs(
+        vertices, checkpoint.fps, checkpoint.model.topology, base, formats or {"npz"}
+    )
     seconds = len(samples) / rate
-    typer.echo(
-        f"wrote {out}: {vertices.shape[0]} frames x {vertices.shape[1]} vertices for "
-        f"{seconds:.1f} s of audio in {elapsed:.2f} s "
+    return (
+        f"wrote {', '.join(uris.values())}: {vertices.shape[0]} frames x {vertices.shape[1]} "
+        f"vertices for {seconds:.1f} s of audio in {elapsed:.2f} s "
         f"({seconds / max(elapsed, 1e-9):.0f}x real time)"
     )

@@ -103,18 +103,23 @@ def read_bytes(uri: str | Path, s3: S3Settings | None = None) -> bytes:
 
 
 def write_bytes(uri: str | Path, data: bytes, s3: S3Settings | None = None) -> None:
-    """Write a file atomically: a temporary sibling first, then a move onto the final name.
+    """Write a file atomically: readers never see a half-written file under the final name.
 
-    Readers therefore never see a half-written file under the final name.
+    Locally a temporary sibling is written, then moved onto the name. An S3 object appears
+    only once its upload completes, so it is written in place: a move there is a copy, and a
+    writer killed between the two would leave its temporary object behind.
     """
     fs, path = resolve(uri, s3)
+    in_place = isinstance(fs, pafs.S3FileSystem)
     parent, name = posixpath.split(path)
-    tmp = posixpath.join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
+    target = path if in_place else posixpath.join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
     try:
-        fs.create_dir(parent, recursive=True)
-        with fs.open_output_stream(tmp) as stream:
+        if not in_place:
+            fs.create_dir(parent, recursive=True)
+        with fs.open_output_stream(target) as stream:
             stream.write(pa.py_buffer(data))
-        fs.move(tmp, path)
+        if not in_place:
+            fs.move(target, path)
     except OSError as exc:
         raise StorageError(f"cannot write {uri}: {exc}") from exc
 

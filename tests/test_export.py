@@ -144,8 +144,9 @@ def test_glb_is_a_valid_morph_animation(face: FaceTemplate) -> None:
     assert np.abs(floats(gltf, sampler.output)).max() <= 1.0
 
 
-def test_glb_reproduces_every_frame(face: FaceTemplate) -> None:
-    frames = motion(face, frames=75)
+@pytest.mark.parametrize("count", [75, 1100])  # the Gram-matrix and the range-finder path
+def test_glb_reproduces_every_frame(face: FaceTemplate, count: int) -> None:
+    frames = motion(face, frames=count)
     decoded, fps = from_glb(to_glb(frames, FPS, face.topology))
     assert decoded.shape == frames.shape and fps == FPS
     assert energy_error(decoded, frames, frames[0]) <= 1e-4

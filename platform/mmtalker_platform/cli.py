@@ -7,7 +7,8 @@ import sys
 import typer
 
 from mmtalker.cli import data_app, run
-from mmtalker.model_cli import animate_command, evaluate_command, train
+from mmtalker.model_cli import evaluate_command, train
+from mmtalker_platform.animate_cli import animate_command
 from mmtalker_platform.jobs_cli import run_command, submit_command
 from mmtalker_platform.models_cli import models_app
 

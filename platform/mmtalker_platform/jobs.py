@@ -20,7 +20,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 from mmtalker.errors import MMTalkerError
 from mmtalker_platform.settings import PlatformSettings
-from mmtalker_platform.spec import TrainJobSpec, load_spec
+from mmtalker_platform.spec import JobSpec, TrainJobSpec, load_spec
 
 #: Seconds between status checks when the log stream ends before the job does.
 POLL_SECONDS = 2.0
@@ -35,9 +35,7 @@ def entrypoint(spec_file: str) -> str:
     return f"mmtalker run {shlex.quote(spec_file)}"
 
 
-def runtime_env(
-    spec: TrainJobSpec, working_dir: Path, settings: PlatformSettings
-) -> dict[str, object]:
+def runtime_env(spec: JobSpec, working_dir: Path, settings: PlatformSettings) -> dict[str, object]:
     """The job's runtime environment: the working directory (with excludes) and the spec's.
 
     The job runs in an unpacked copy of the working directory, so the platform's work folder
@@ -72,11 +70,17 @@ def submit(
             f"{spec_path} is outside the working directory {working_dir}, which is what gets "
             "uploaded; run mmtalker submit from the project folder"
         ) from None
-    if "://" not in spec.data and not Path(spec.data).is_absolute():
-        raise JobError(
-            f"data {spec.data!r} is relative to this machine's folder, which the job does not "
-            "run in; give an absolute path the cluster can read, or an s3:// URI"
-        )
+    locations = (
+        {"data": spec.data}
+        if isinstance(spec, TrainJobSpec)
+        else {"catalog": spec.catalog, "output": spec.output, "checkpoint": spec.checkpoint}
+    )
+    for field, uri in locations.items():
+        if uri is not None and "://" not in uri and not Path(uri).is_absolute():
+            raise JobError(
+                f"{field} {uri!r} is relative to this machine's folder, which the job does not "
+                "run in; give an absolute path the cluster can read, or an s3:// URI"
+            )
     os.environ.setdefault("RAY_AUTH_MODE", settings.ray_auth_mode)
     url = address or settings.ray_dashboard
     try:

@@ -14,10 +14,15 @@ def run_command(
     spec: Annotated[Path, typer.Argument(help="Job spec YAML, e.g. jobs/train.yaml.")],
 ) -> None:
     """Run a job spec on the current Ray cluster (RAY_ADDRESS, else a local one)."""
-    from mmtalker_platform.spec import load_spec
+    from mmtalker_platform.animate_cli import run_batch
+    from mmtalker_platform.spec import AnimateJobSpec, load_spec
     from mmtalker_platform.train import run_training
 
-    outcome = run_training(load_spec(spec))
+    job = load_spec(spec)
+    if isinstance(job, AnimateJobSpec):
+        run_batch(job)
+        return
+    outcome = run_training(job)
     version = outcome.version
     typer.echo(
         f"run {outcome.run_id}: {outcome.epochs} epochs, {outcome.resumes} resumes; registered "

@@ -102,7 +102,58 @@ class TrainJobSpec(_Strict):
         return self
 
 
-def load_spec(path: str | Path) -> TrainJobSpec:
+class AnimateJobSpec(_Strict):
+    """A batch animation job: a catalog of audio, a model version, outputs and the actor pool."""
+
+    kind: Literal["animate"] = "animate"
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    #: A folder or s3:// prefix of audio files, or a .csv/.parquet manifest of audio URIs.
+    catalog: str
+    #: Folder or s3:// prefix for per-item outputs and the results manifest.
+    output: str
+    #: Registered model (``NAME@ALIAS``, ``NAME/VERSION``, ``NAME``), unless ``checkpoint``.
+    model: str | None = "mmtalker@champion"
+    #: A local checkpoint folder to use instead of the registry.
+    checkpoint: str | None = None
+    #: Output formats besides the npz that is always written.
+    formats: list[Literal["npz", "glb", "obj"]] = ["npz"]
+    #: Training speaker whose face animates items that name no speaker or template.
+    speaker: str | None = None
+    #: Redo items that earlier runs finished (otherwise they are skipped).
+    overwrite: bool = False
+    #: Items longer than this are recorded as failed instead of animated.
+    max_seconds: float = Field(600.0, gt=0)
+    #: Model actors; each holds the model once and animates batches of clips.
+    actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    #: Clips per model call (similar lengths are padded into one batch).
+    batch_size: int = Field(16, ge=1)
+    #: Longer audio is animated in chunks of this length (bounds memory).
+    chunk_seconds: float = Field(20.0, gt=2)
+    #: MLflow tracking URI of the registry (default: MLFLOW_TRACKING_URI or the local sqlite).
+    tracking_uri: str | None = None
+    ray: RaySpec = RaySpec()
+
+    @model_validator(mode="after")
+    def _one_model(self) -> AnimateJobSpec:
+        if self.checkpoint is not None:
+            if "model" in self.model_fields_set and self.model is not None:
+                raise ValueError("give model (a registry reference) or checkpoint, not both")
+            self.model = None
+        if self.model is None and self.checkpoint is None:
+            raise ValueError("give model (a registry reference) or checkpoint (a folder)")
+        return self
+
+
+JobSpec = TrainJobSpec | AnimateJobSpec
+_KINDS: dict[str, type[TrainJobSpec] | type[AnimateJobSpec]] = {
+    "train": TrainJobSpec,
+    "animate": AnimateJobSpec,
+}
+
+
+def load_spec(path: str | Path) -> JobSpec:
     """Read and validate a job spec; every problem is one :class:`SpecError` line."""
     path = Path(path)
     try:
@@ -113,8 +164,11 @@ def load_spec(path: str | Path) -> TrainJobSpec:
         raise SpecError(f"{path} is not valid YAML: {exc}".replace("\n", " ")) from exc
     if not isinstance(raw, dict):
         raise SpecError(f"{path} must be a YAML mapping of spec fields, got {type(raw).__name__}")
+    kind = raw.get("kind", "train")
+    if kind not in _KINDS:
+        raise SpecError(f"{path}: kind {kind!r} is not one of {', '.join(_KINDS)}")
     try:
-        return TrainJobSpec.model_validate(raw)
+        return _KINDS[kind].model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}"
