@@ -61,7 +61,9 @@ def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
     try:
         audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise AudioError(f"not a readable audio file (wav, flac, ogg or mp3): {exc}") from exc
+        # libsndfile's own words, without the "Error opening <BytesIO object at 0x...>" prefix.
+        reason = getattr(exc, "error_string", None) or str(exc)
+        raise AudioError(f"not a readable audio file (wav, flac, ogg or mp3): {reason}") from exc
     return audio, int(rate)
 
 

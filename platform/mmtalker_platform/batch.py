@@ -10,11 +10,9 @@ while the job runs.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -31,14 +29,14 @@ import trimesh
 from pydantic import BaseModel
 
 from mmtalker import storage
-from mmtalker.checkpoint import Checkpoint, load_checkpoint
+from mmtalker.checkpoint import Checkpoint
 from mmtalker.errors import MMTalkerError
 from mmtalker.export import write_outputs
 from mmtalker.inference import Clip, animate_clips, decode_audio, prepare_audio
 from mmtalker.storage import S3Settings
-from mmtalker_platform import registry
 from mmtalker_platform.catalog import CatalogItem, check_output_outside, list_catalog
 from mmtalker_platform.cluster import connect
+from mmtalker_platform.model_source import ModelSource, resolve_model
 from mmtalker_platform.settings import PlatformSettings
 from mmtalker_platform.spec import AnimateJobSpec
 
@@ -83,13 +81,6 @@ class BatchOutcome(BaseModel):
     manifest_uri: str
 
 
-class ModelSource(BaseModel):
-    """The checkpoint folder's files and an id naming exactly these weights."""
-
-    model_id: str
-    files: dict[str, bytes]
-
-
 def run_animation(
     spec: AnimateJobSpec,
     settings: PlatformSettings | None = None,
@@ -100,8 +91,7 @@ def run_animation(
     s3 = settings.s3
     started = time.perf_counter()
     source = resolve_model(spec, settings)
-    with tempfile.TemporaryDirectory(prefix="mmtalker-model-") as tmp:
-        checkpoint = load_checkpoint(_materialize(source.files, Path(tmp)))
+    checkpoint = source.load()
     if spec.speaker is not None and spec.speaker not in checkpoint.templates:
         raise BatchError(
             f"speaker {spec.speaker!r} is not one of the model's: {sorted(checkpoint.templates)}"
@@ -154,23 +144,6 @@ def run_animation(
         model=source.model_id,
         manifest_uri=manifest_uri,
     )
-
-
-def resolve_model(spec: AnimateJobSpec, settings: PlatformSettings) -> ModelSource:
-    """The checkpoint files of the spec's registry version or folder, read once on the driver."""
-    if spec.checkpoint is not None:
-        folder = Path(spec.checkpoint)
-        if not (folder / "config.json").is_file():
-            raise BatchError(f"{folder} is not a checkpoint folder (no config.json)")
-        files = _read_folder(folder)
-        digest = hashlib.sha256(files["model.safetensors"]).hexdigest()[:16]
-        return ModelSource(model_id=f"checkpoint:{digest}", files=files)
-    tracking_uri = spec.tracking_uri or settings.tracking_uri
-    info = registry.show(tracking_uri, spec.model or "")
-    with tempfile.TemporaryDirectory(prefix="mmtalker-model-") as tmp:
-        folder = registry.download(tracking_uri, f"{info.name}/{info.version}", Path(tmp))
-        files = _read_folder(folder)
-    return ModelSource(model_id=f"{info.name}/{info.version}", files=files)
 
 
 def write_manifest(output: str, rows: list[ItemResult], s3: S3Settings | None = None) -> str:
@@ -245,7 +218,7 @@ def _pipeline(
         num_cpus=spec.cpus_per_actor,
         num_gpus=1 if spec.use_gpu else 0,
         fn_constructor_kwargs={
-            "files": [ray.put(source.files)],
+            "source": [ray.put(source)],
             "model_id": source.model_id,
             "output": spec.output,
             "formats": formats,
@@ -306,7 +279,7 @@ class ClipAnimator:
 
     def __init__(
         self,
-        files: list[Any],
+        source: list[Any],
         model_id: str,
         output: str,
         formats: list[str],
@@ -316,9 +289,9 @@ class ClipAnimator:
         device: str,
         s3: S3Settings,
     ) -> None:
-        source = ray.get(files[0]) if isinstance(files[0], ray.ObjectRef) else files[0]
-        with tempfile.TemporaryDirectory(prefix="mmtalker-model-") as tmp:
-            self.checkpoint = load_checkpoint(_materialize(source, Path(tmp)), device)
+        # The source travels as an object reference (one copy in the object store per node),
+        # wrapped in a list so Ray Data passes the reference rather than resolving it.
+        self.checkpoint = ray.get(source[0]).load(device)
         self.model_id, self.output, self.formats = model_id, output, formats
         self.speaker = speaker or self.checkpoint.model.speakers[0]
         self.chunk_seconds, self.batch_size, self.device, self.s3 = (
@@ -509,13 +482,3 @@ def _clean(row: dict[str, Any]) -> dict[str, Any]:
         **{f"{fmt}_uri": outputs.get(fmt) for fmt in ("npz", "glb", "obj")},
         "error": str(row["error"]) or None,
     }
-
-
-def _read_folder(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-
-
-def _materialize(files: dict[str, bytes], folder: Path) -> Path:
-    for name, data in files.items():
-        (folder / name).write_bytes(data)
-    return folder

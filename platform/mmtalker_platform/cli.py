@@ -11,6 +11,7 @@ from mmtalker.model_cli import evaluate_command, train
 from mmtalker_platform.animate_cli import animate_command
 from mmtalker_platform.jobs_cli import run_command, submit_command
 from mmtalker_platform.models_cli import models_app
+from mmtalker_platform.serve_cli import serve_command
 
 app = typer.Typer(
     help="MMTalker: speech-driven 3D facial animation, trained and served at scale.",
@@ -24,8 +25,13 @@ app.command("animate")(animate_command)
 app.add_typer(models_app, name="models")
 app.command("run")(run_command)
 app.command("submit")(submit_command)
+app.command("serve")(serve_command)
 
 
 def main() -> None:
     """Console-script entry point."""
     sys.exit(run(app))
+
+
+if __name__ == "__main__":
+    main()

@@ -102,8 +102,29 @@ class TrainJobSpec(_Strict):
         return self
 
 
-class AnimateJobSpec(_Strict):
-    """A batch animation job: a catalog of audio, a model version, outputs and the actor pool."""
+class ModelChoice(_Strict):
+    """Which model animates: a registered version, or a checkpoint folder instead."""
+
+    #: Registered model (``NAME@ALIAS``, ``NAME/VERSION``, ``NAME``), unless ``checkpoint``.
+    model: str | None = "mmtalker@champion"
+    #: A checkpoint folder to use instead of the registry.
+    checkpoint: str | None = None
+    #: MLflow tracking URI of the registry (default: MLFLOW_TRACKING_URI or the local sqlite).
+    tracking_uri: str | None = None
+
+    @model_validator(mode="after")
+    def _one_model(self) -> ModelChoice:
+        if self.checkpoint is not None:
+            if "model" in self.model_fields_set and self.model is not None:
+                raise ValueError("give model (a registry reference) or checkpoint, not both")
+            self.model = None
+        if self.model is None and self.checkpoint is None:
+            raise ValueError("give model (a registry reference) or checkpoint (a folder)")
+        return self
+
+
+class AnimateJobSpec(ModelChoice):
+    """A batch animation job: a catalog of audio, a model, outputs and the actor pool."""
 
     kind: Literal["animate"] = "animate"
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -111,10 +132,6 @@ class AnimateJobSpec(_Strict):
     catalog: str
     #: Folder or s3:// prefix for per-item outputs and the results manifest.
     output: str
-    #: Registered model (``NAME@ALIAS``, ``NAME/VERSION``, ``NAME``), unless ``checkpoint``.
-    model: str | None = "mmtalker@champion"
-    #: A local checkpoint folder to use instead of the registry.
-    checkpoint: str | None = None
     #: Output formats besides the npz that is always written.
     formats: list[Literal["npz", "glb", "obj"]] = ["npz"]
     #: Training speaker whose face animates items that name no speaker or template.
@@ -131,19 +148,7 @@ class AnimateJobSpec(_Strict):
     batch_size: int = Field(16, ge=1)
     #: Longer audio is animated in chunks of this length (bounds memory).
     chunk_seconds: float = Field(20.0, gt=2)
-    #: MLflow tracking URI of the registry (default: MLFLOW_TRACKING_URI or the local sqlite).
-    tracking_uri: str | None = None
     ray: RaySpec = RaySpec()
-
-    @model_validator(mode="after")
-    def _one_model(self) -> AnimateJobSpec:
-        if self.checkpoint is not None:
-            if "model" in self.model_fields_set and self.model is not None:
-                raise ValueError("give model (a registry reference) or checkpoint, not both")
-            self.model = None
-        if self.model is None and self.checkpoint is None:
-            raise ValueError("give model (a registry reference) or checkpoint (a folder)")
-        return self
 
 
 JobSpec = TrainJobSpec | AnimateJobSpec
