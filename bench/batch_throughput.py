@@ -6,14 +6,15 @@ Usage: python bench/batch_throughput.py [--clips 1000] [--checkpoint DIR] [--for
 
 Every run animates the same catalog of ``--clips`` espeak-ng speech clips (wav/flac/ogg, mixed
 sample rates, some stereo; made once under ``work/bench/catalog-N/``) and writes the same
-outputs (npz, plus ``--formats``) into a fresh folder:
+outputs (npz, plus ``--formats``) into a fresh folder under ``--out``, deleted after the run
+unless ``--keep-outputs`` (~3 MB per clip); the figures also go to ``OUT/batch_throughput.json``:
 
 * plain loop: one torch thread; per clip read bytes, ``decode_audio``, ``prepare_audio``,
   ``animate``, ``write_outputs``: what a hand-rolled script does;
 * plain batched loop: one torch thread; decode every clip, sort by length, ``animate_clips`` on
   ``--batch-size`` clips at a time, write. The Ray job batches by length too, so this is the
   fairer baseline;
-* Ray job: the platform's ``run_animation`` (Ray Data decode tasks, an actor pool of 1-CPU
+* Ray job: the platform's ``run_animation`` (Ray Data: ``load_clips`` decode, a pool of 1-CPU
   model actors, per-item records and the results manifest), ``overwrite`` on.
 
 The figure is seconds of audio animated per wall second. The plain loops load the model before

@@ -194,9 +194,9 @@ def _pipeline(
 ) -> ray.data.Dataset:
     formats = sorted({"npz", *spec.formats})
     rows = [{**item.model_dump(), "index": index} for index, item in enumerate(items)]
-    loaded = ray.data.from_items(
-        rows, override_num_blocks=max(1, min(math.ceil(len(rows) / DECODE_ROWS), 1000))
-    ).map_batches(
+    # Enough blocks that every actor gets work even on a small catalog.
+    blocks = min(len(rows), max(2 * spec.actors, math.ceil(len(rows) / DECODE_ROWS)))
+    loaded = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
         load_clips,
         batch_size=DECODE_ROWS,
         batch_format="numpy",

@@ -7,13 +7,13 @@ those carry the reason, so the results manifest accounts for all of them.
 
 from __future__ import annotations
 
+import csv
 import io
 import posixpath
 import re
 from pathlib import PurePosixPath
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import BaseModel
@@ -98,21 +98,24 @@ def _prefix_items(uri: str, s3: S3Settings | None) -> list[CatalogItem]:
 def _manifest_items(uri: str, s3: S3Settings | None) -> list[CatalogItem]:
     try:
         data = storage.read_bytes(uri, s3)
-        table = (
-            pq.read_table(io.BytesIO(data))
-            if uri.lower().endswith(".parquet")
-            else pacsv.read_csv(io.BytesIO(data))
-        )
-    except (pa.ArrowInvalid, OSError) as exc:
+        if uri.lower().endswith(".parquet"):
+            table = pq.read_table(io.BytesIO(data))
+            names, rows = table.column_names, table.to_pylist()
+        else:
+            # Python's reader keeps every cell as written: type inference would turn an id
+            # "0007" into 7 and a speaker "01" into 1.
+            reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig")))
+            rows = list(reader)
+            names = list(reader.fieldnames or [])
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError, csv.Error) as exc:
         raise CatalogError(f"cannot read catalog manifest {uri}: {exc}") from exc
-    columns = {name.lower(): name for name in table.column_names}
+    columns = {name.lower(): name for name in names}
     audio_column = next((columns[c] for c in AUDIO_COLUMNS if c in columns), None)
     if audio_column is None:
         raise CatalogError(
-            f"manifest {uri} has columns {table.column_names}; it needs an audio URI column "
+            f"manifest {uri} has columns {names}; it needs an audio URI column "
             f"named one of {', '.join(AUDIO_COLUMNS)} (optional: id, speaker, template)"
         )
-    rows = table.to_pylist()
     base = _parent(uri)
     items = []
     for number, row in enumerate(rows, start=1):

@@ -14,7 +14,6 @@ from pydantic import BaseModel
 
 from mmtalker.checkpoint import Checkpoint, load_checkpoint
 from mmtalker.errors import MMTalkerError
-from mmtalker_platform import registry
 from mmtalker_platform.settings import PlatformSettings
 from mmtalker_platform.spec import ModelChoice
 
@@ -45,6 +44,10 @@ def resolve_model(choice: ModelChoice, settings: PlatformSettings) -> ModelSourc
         files = _read_folder(folder)
         digest = hashlib.sha256(files.get("model.safetensors", b"")).hexdigest()[:16]
         return ModelSource(model_id=f"checkpoint:{digest}", files=files)
+    # Imported here: MLflow takes seconds to import, and actors that load a ModelSource's
+    # files never need it.
+    from mmtalker_platform import registry
+
     tracking_uri = choice.tracking_uri or settings.tracking_uri
     info = registry.show(tracking_uri, choice.model or "")
     with tempfile.TemporaryDirectory(prefix="mmtalker-model-") as tmp:

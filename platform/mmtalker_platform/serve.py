@@ -170,6 +170,7 @@ class Api:
         self.token = token
         self.settings = PlatformSettings()
         self.model_info: dict[str, Any] | None = None
+        self.jobs_client: Any = None
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
@@ -224,12 +225,15 @@ class Api:
             *self._model_arguments(job), *(["--speaker", job.speaker] if job.speaker else []),
             *(["--overwrite"] if job.overwrite else []),
         ]  # fmt: skip
-        await asyncio.to_thread(
-            self._jobs().submit_job,
-            entrypoint=shlex.join(command),
-            submission_id=submission_id,
-            metadata={"kind": "animate", "output": job.output, "catalog": job.catalog},
-        )
+        try:
+            await asyncio.to_thread(
+                self._jobs().submit_job,
+                entrypoint=shlex.join(command),
+                submission_id=submission_id,
+                metadata={"kind": "animate", "output": job.output, "catalog": job.catalog},
+            )
+        except RuntimeError as exc:
+            raise HTTPException(502, f"the Ray Jobs API refused the job: {exc}") from exc
         return {"id": submission_id, "status_url": f"/v1/jobs/{submission_id}"}
 
     @app.get("/v1/jobs/{job_id}")
@@ -239,7 +243,10 @@ class Api:
         try:
             info = await asyncio.to_thread(self._jobs().get_job_info, job_id)
         except RuntimeError as exc:
-            raise HTTPException(404, f"no animation job {job_id!r}") from exc
+            # The Jobs API client turns every non-200 answer into a RuntimeError naming it.
+            if "status code 404" in str(exc):
+                raise HTTPException(404, f"no animation job {job_id!r}") from exc
+            raise HTTPException(502, f"the Ray Jobs API failed: {exc}") from exc
         metadata = info.metadata or {}
         if metadata.get("kind") != "animate":
             raise HTTPException(404, f"no animation job {job_id!r}")
@@ -257,9 +264,16 @@ class Api:
         return ["--model", self.config.model or ""]
 
     def _jobs(self) -> Any:
+        """The Jobs API client, made on first use (the dashboard may start after Serve)."""
         from ray.job_submission import JobSubmissionClient
 
-        return JobSubmissionClient(self.config.jobs_address or self.settings.ray_dashboard)
+        if self.jobs_client is None:
+            address = self.config.jobs_address or self.settings.ray_dashboard
+            try:
+                self.jobs_client = JobSubmissionClient(address)
+            except ConnectionError as exc:
+                raise HTTPException(503, f"the Ray Jobs API at {address} is unreachable") from exc
+        return self.jobs_client
 
     async def _info(self) -> dict[str, Any]:
         if self.model_info is None:
@@ -304,6 +318,9 @@ def build_app(config: ServeConfig) -> Application:
     animator = Animator.options(
         num_replicas=config.replicas,
         ray_actor_options=resources,
-        max_ongoing_requests=max(2 * config.max_batch_size, 16),
+        max_ongoing_requests=max(4 * config.max_batch_size, 32),
     ).bind(config)
-    return Api.options(ray_actor_options={"num_cpus": 0}).bind(animator, config, token)
+    # The front must let as many requests through as a batch can hold, or batches stay small.
+    return Api.options(
+        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=max(4 * config.max_batch_size, 32)
+    ).bind(animator, config, token)

@@ -8,7 +8,7 @@ import socket
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
 import pyarrow.fs as pafs
@@ -20,6 +20,9 @@ from mmtalker.checkpoint import save_checkpoint
 from mmtalker.nn.mmtalker import MMTalker
 from mmtalker.storage import S3Settings
 from mmtalker_platform.tracking import prepare_tracking
+
+if TYPE_CHECKING:
+    from ray._private.worker import RayContext
 
 #: Train V2 polls its workers every few seconds by default; tests want failures seen at once.
 RAY_TEST_ENV = {
@@ -80,19 +83,20 @@ def aws_environment(s3_endpoint: str) -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def local_ray(aws_environment: dict[str, str]) -> Iterator[None]:
+def local_ray(aws_environment: dict[str, str]) -> Iterator[RayContext]:
     """A local Ray for one test module, on its own ports (other Ray instances may run).
 
     Four logical CPUs on two cores: two training workers and the data tasks beside them.
+    Yields the context of ``ray.init``: ``f"http://{context.dashboard_url}"`` is its Jobs API.
     """
-    ray.init(
+    context = ray.init(
         num_cpus=4,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         dashboard_port=free_port(),
         configure_logging=False,
     )
-    yield
+    yield context
     ray.shutdown()
 
 
