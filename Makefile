@@ -21,13 +21,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	@touch $(STAMP)
 
-# Synthesise the demo corpus, train on it with Ray Train (2 workers), register, list versions.
+# Synthesise the demo corpus, train on it with Ray Train (2 workers), register, list versions,
+# then animate a small catalog of speech clips with the champion (jobs/animate.yaml).
 # Each demo is a fresh run: the previous one's Ray Train state would make the job a finished one.
 demo: setup
 	$(BIN)/mmtalker data synth --out $(WORK)/datasets/demo --overwrite
 	rm -rf $(WORK)/ray_results/demo
 	$(BIN)/mmtalker run jobs/train.yaml
 	$(BIN)/mmtalker models list
+	$(BIN)/mmtalker data clips --out $(WORK)/catalogs/demo --count 12
+	$(BIN)/mmtalker run jobs/animate.yaml
 
 # One thread per test process: the suite is many small ops, and on 2 cores torch's default
 # thread pool stalled under any other load (23 min instead of under 3).

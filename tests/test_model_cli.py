@@ -10,6 +10,7 @@ import soundfile as sf
 import yaml
 
 from mmtalker.data.shards import open_dataset
+from mmtalker.export import from_glb
 
 MMTALKER = str(Path(sys.executable).with_name("mmtalker"))
 SMALL = {
@@ -56,11 +57,15 @@ def test_animate_writes_a_mesh_sequence(tiny_corpus: str, checkpoint: Path, tmp_
     stereo = np.stack([seq.audio, seq.audio], axis=1)
     sf.write(wav, stereo, 16000)
     out = tmp_path / "out.npz"
-    result = _run("animate", str(wav), "--checkpoint", str(checkpoint), "--out", str(out))
+    result = _run(
+        "animate", str(wav), "--checkpoint", str(checkpoint), "--out", str(out), "--formats", "glb"
+    )
     assert result.returncode == 0, result.stderr
     with np.load(out, allow_pickle=False) as data:
         assert data["vertices"].shape == (seq.num_frames, seq.num_vertices, 3)
         assert float(data["fps"]) == 30.0 and data["faces"].shape[1] == 3
+        frames, fps = from_glb((tmp_path / "out.glb").read_bytes())
+        assert frames.shape == data["vertices"].shape and fps == 30.0
     assert "real time" in result.stdout
 
 
@@ -71,6 +76,9 @@ def test_animate_writes_a_mesh_sequence(tiny_corpus: str, checkpoint: Path, tmp_
             ("animate", "/no/such.wav", "--checkpoint", "/no/ck", "--out", "x.npz"),
             "not a checkpoint",
         ),
+        (("animate", "x.wav", "--out", "x.npz"), "give --model NAME@ALIAS or --checkpoint"),
+        (("animate", "--catalog", "/no/audio"), "--catalog needs --output"),
+        (("animate", "x.wav", "--out", "x", "--formats", "fbx"), "--formats ['fbx'] unknown"),
         (("evaluate", "--data", "/no/data"), "dataset not found"),
         (("train", "--data", "/no/data", "--out", "x", "--model", "static"), "--model"),
     ],

@@ -55,7 +55,9 @@ def animate_command(
     batch_size: Annotated[int, typer.Option(help="Clips per model call.")] = 16,
     max_seconds: Annotated[float, typer.Option(help="Longer items fail.")] = 600.0,
     chunk_seconds: Annotated[float, typer.Option(help="Audio per chunk (bounds memory).")] = 20.0,
-    gpu: Annotated[bool, typer.Option(help="Animate on a CUDA GPU.")] = False,
+    gpu: Annotated[
+        bool | None, typer.Option(help="Animate on CUDA GPUs (default: when the cluster has any).")
+    ] = None,
     name: Annotated[str, typer.Option(help="With --catalog: the job's name.")] = "animate",
 ) -> None:
     """Animate speech: one file here, or every item of a catalog on the Ray cluster."""
@@ -99,7 +101,9 @@ def run_batch(spec: AnimateJobSpec) -> None:
         f"{outcome.skipped} skipped (done before), {outcome.failed} failed; "
         f"{outcome.audio_seconds:.0f} s of audio in {outcome.seconds:.0f} s"
     )
-    typer.echo(f"results manifest: {outcome.manifest_uri}")
+    for fmt, uri in outcome.example_outputs.items():
+        typer.echo(f"{fmt:<4} e.g. {uri}")
+    typer.echo(f"results manifest (one row per item): {outcome.manifest_uri}")
 
 
 def _animate_one(
@@ -110,14 +114,16 @@ def _animate_one(
     formats: list[str],
     speaker: str | None,
     chunk_seconds: float,
-    gpu: bool,
+    gpu: bool | None,
 ) -> None:
     from mmtalker.checkpoint import load_checkpoint
     from mmtalker.model_cli import animate_file
 
     if (model is None) == (checkpoint is None):
         raise MMTalkerError("give --model NAME@ALIAS or --checkpoint DIR (one of them)")
-    device = "cuda" if gpu else "cpu"
+    import torch
+
+    device = "cuda" if (torch.cuda.is_available() if gpu is None else gpu) else "cpu"
     if checkpoint is not None:
         loaded = load_checkpoint(checkpoint, device)
     else:

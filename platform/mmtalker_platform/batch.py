@@ -79,6 +79,8 @@ class BatchOutcome(BaseModel):
     seconds: float
     model: str
     manifest_uri: str
+    #: Format → URI of one finished item's outputs, to show where they are.
+    example_outputs: dict[str, str] = {}
 
 
 def run_animation(
@@ -113,14 +115,16 @@ def run_animation(
                 last_write = time.monotonic()
     except Exception as exc:  # the pipeline's failure, whatever its type: record, then raise
         failure = exc
-    stopped = f"the job stopped before this item ({type(failure).__name__}: {failure})"
+    cause = f"{type(failure).__name__}: {failure}" if failure else ""
+    missing = (
+        f"the job stopped before this item ({cause})"
+        if failure
+        else "the pipeline returned no result for this item"
+    )
     rows = [
         results.get(index)
         or ItemResult(
-            item_id=item.item_id,
-            audio_uri=item.audio_uri,
-            status="failed",
-            error=stopped if failure else "the pipeline returned no result for this item",
+            item_id=item.item_id, audio_uri=item.audio_uri, status="failed", error=missing
         )
         for index, item in enumerate(items)
     ]
@@ -130,8 +134,7 @@ def run_animation(
     )
     if failure is not None:
         raise BatchError(
-            f"the animation pipeline stopped ({type(failure).__name__}: {failure}); "
-            f"results so far in {manifest_uri}"
+            f"the animation pipeline stopped ({cause}); results so far in {manifest_uri}"
         ) from failure
     counts = Counter(row.status for row in rows)
     return BatchOutcome(
@@ -143,6 +146,14 @@ def run_animation(
         seconds=time.perf_counter() - started,
         model=source.model_id,
         manifest_uri=manifest_uri,
+        example_outputs=next(
+            (
+                {f: uri for f in ("npz", "glb", "obj") if (uri := getattr(r, f"{f}_uri"))}
+                for r in rows
+                if r.npz_uri
+            ),
+            {},
+        ),
     )
 
 
@@ -193,6 +204,7 @@ def _pipeline(
     s3: S3Settings,
 ) -> ray.data.Dataset:
     formats = sorted({"npz", *spec.formats})
+    gpu = spec.use_gpu if spec.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     rows = [{**item.model_dump(), "index": index} for index, item in enumerate(items)]
     # Enough blocks that every actor gets work even on a small catalog.
     blocks = min(len(rows), max(2 * spec.actors, math.ceil(len(rows) / DECODE_ROWS)))
@@ -216,7 +228,7 @@ def _pipeline(
         batch_size=spec.batch_size,
         batch_format="numpy",
         num_cpus=spec.cpus_per_actor,
-        num_gpus=1 if spec.use_gpu else 0,
+        num_gpus=1 if gpu else 0,
         fn_constructor_kwargs={
             "source": [ray.put(source)],
             "model_id": source.model_id,
@@ -225,7 +237,7 @@ def _pipeline(
             "speaker": spec.speaker,
             "chunk_seconds": spec.chunk_seconds,
             "batch_size": spec.batch_size,
-            "device": "cuda" if spec.use_gpu else "cpu",
+            "device": "cuda" if gpu else "cpu",
             "s3": s3,
         },
     )

@@ -145,7 +145,8 @@ class AnimateJobSpec(ModelChoice):
     #: Model actors; each holds the model once and animates batches of clips.
     actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)
-    use_gpu: bool = False
+    #: One GPU per actor; null: when the cluster has GPUs.
+    use_gpu: bool | None = None
     #: Clips per model call (similar lengths are padded into one batch).
     batch_size: int = Field(16, ge=1)
     #: Longer audio is animated in chunks of this length (bounds memory).

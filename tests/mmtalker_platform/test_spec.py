@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from mmtalker.cli import run
 from mmtalker_platform.cli import app
-from mmtalker_platform.spec import SpecError, TrainJobSpec, load_spec
+from mmtalker_platform.jobs import JobError, submit
+from mmtalker_platform.spec import AnimateJobSpec, SpecError, TrainJobSpec, load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,3 +62,46 @@ def test_specs_round_trip_through_their_json_form() -> None:
     spec = TrainJobSpec(name="a", data="s3://bucket/data")
     assert TrainJobSpec.model_validate(spec.model_dump(mode="json")) == spec
     assert CliRunner().invoke(app, ["run", "--help"]).exit_code == 0
+
+
+def test_the_shipped_animate_spec_is_valid() -> None:
+    spec = load_spec(ROOT / "jobs" / "animate.yaml")
+    assert isinstance(spec, AnimateJobSpec)
+    assert spec.model == "mmtalker@champion" and spec.checkpoint is None
+    assert set(spec.formats) == {"npz", "glb"} and spec.actors == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("kind: animate\nname: x\noutput: o\n", r"catalog: Field required"),
+        ("kind: animate\nname: x\ncatalog: c\noutput: o\nformats: [fbx]\n", r"formats\.0"),
+        ("kind: animate\nname: x\ncatalog: c\noutput: o\nactors: 0\n", r"actors: .*greater"),
+        (
+            "kind: animate\nname: x\ncatalog: c\noutput: o\nmodel: m@a\ncheckpoint: /ck\n",
+            r"not both",
+        ),
+        ("kind: animate\nname: x\ncatalog: c\noutput: o\nmodel: null\n", r"give model"),
+        ("kind: render\nname: x\n", r"kind 'render' is not one of train, animate"),
+    ],
+)
+def test_bad_animate_specs_name_the_field(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "animate.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError, match=message):
+        load_spec(path)
+
+
+def test_a_checkpoint_path_is_made_absolute_for_jobs_in_other_folders() -> None:
+    spec = AnimateJobSpec(name="a", catalog="s3://b/c", output="s3://b/o", checkpoint="ck")
+    assert spec.model is None and Path(spec.checkpoint or "").is_absolute()
+
+
+def test_submit_refuses_relative_catalog_and_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "animate.yaml"
+    spec.write_text("kind: animate\nname: x\ncatalog: audio/\noutput: s3://b/o\n")
+    with pytest.raises(JobError, match="catalog 'audio/' is relative"):
+        submit(spec, "http://127.0.0.1:1")
