@@ -2,6 +2,7 @@
 
 Usage: python bench/batch_throughput.py [--clips 1000] [--checkpoint DIR] [--formats npz,glb]
                                         [--batch-size 16] [--actors-list 1,2]
+                                        [--serve-requests 64] [--serve-concurrency 1,8]
                                         [--out work/bench/batch_throughput]
 
 Every run animates the same catalog of ``--clips`` espeak-ng speech clips (wav/flac/ogg, mixed
@@ -15,7 +16,10 @@ unless ``--keep-outputs`` (~3 MB per clip); the figures also go to ``OUT/batch_t
   ``--batch-size`` clips at a time, write. The Ray job batches by length too, so this is the
   fairer baseline;
 * Ray job: the platform's ``run_animation`` (Ray Data: ``load_clips`` decode, a pool of 1-CPU
-  model actors, per-item records and the results manifest), ``overwrite`` on.
+  model actors, per-item records and the results manifest), ``overwrite`` on;
+* Serve: the Serve application on 127.0.0.1, one median-length clip POSTed to ``/v1/animate``
+  ``--serve-requests`` times at each ``--serve-concurrency``: requests per second and p50/p99
+  latency (dynamic batching groups concurrent requests).
 
 The figure is seconds of audio animated per wall second. The plain loops load the model before
 the clock starts; the Ray job's wall time covers everything after Ray start-up (model read,
@@ -32,12 +36,16 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import ray
+import soundfile as sf
 import torch
 
 from mmtalker.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -171,6 +179,60 @@ def ray_job(
     return run, wall
 
 
+@dataclass
+class ServeRun:
+    """Online requests at one concurrency: throughput and latency percentiles."""
+
+    concurrency: int
+    requests: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    max_batch: int
+
+
+def serve_runs(model: Path, clip: Path, count: int, levels: list[int]) -> list[ServeRun]:
+    """POST /v1/animate ``count`` times per concurrency level against a local Serve app."""
+    import requests
+    from ray import serve
+
+    from mmtalker_platform.serve import ServeConfig, build_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(
+        build_app(ServeConfig(checkpoint=str(model.resolve()), max_batch_size=8)),
+        name="bench", route_prefix="/",
+    )  # fmt: skip
+    url, body = f"http://127.0.0.1:{port}/v1/animate", clip.read_bytes()
+
+    def one(_: int) -> tuple[float, int]:
+        started = time.perf_counter()
+        response = requests.post(url, data=body, timeout=300)
+        response.raise_for_status()
+        return time.perf_counter() - started, int(response.headers["X-Batch-Size"])
+
+    runs = []
+    try:
+        for _ in range(3):  # warm-up: first calls pay for lazy initialisation
+            one(0)
+        for level in levels:
+            started = time.perf_counter()
+            with ThreadPoolExecutor(level) as pool:
+                results = list(pool.map(one, range(count)))
+            wall = time.perf_counter() - started
+            latency = np.array([r[0] for r in results]) * 1000
+            runs.append(ServeRun(
+                level, count, count / wall, float(np.percentile(latency, 50)),
+                float(np.percentile(latency, 99)), max(r[1] for r in results),
+            ))  # fmt: skip
+    finally:
+        serve.shutdown()
+    return runs
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=1000)
@@ -180,6 +242,8 @@ def main() -> int:
     parser.add_argument("--actors-list", default="1,2")
     parser.add_argument("--out", default="work/bench/batch_throughput")
     parser.add_argument("--keep-outputs", action="store_true", help="else deleted after each run")
+    parser.add_argument("--serve-requests", type=int, default=64, help="per concurrency level")
+    parser.add_argument("--serve-concurrency", default="1,8")
     args = parser.parse_args()
     # One thread in the driver's plain loops, as Ray gives each 1-CPU actor.
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -214,6 +278,11 @@ def main() -> int:
         runs.append(run)
         outer[run.name] = wall
         finish(folder)
+    # A median-length clip: what one online request typically carries.
+    clip = sorted(clips, key=lambda c: sf.info(c).duration)[len(clips) // 2]
+    print("Serve ...", file=sys.stderr, flush=True)
+    levels = [int(c) for c in args.serve_concurrency.split(",")]
+    online = serve_runs(model, clip, args.serve_requests, levels)
     ray.shutdown()
 
     plain, batched = runs[0], runs[1]
@@ -249,6 +318,16 @@ def main() -> int:
             f"{r.total} ({len(clips)} clips){'' if ok(r) else '  <-- NOT ALL ACCOUNTED FOR'}"
         )
     print(
+        f"\nServe on 127.0.0.1: POST /v1/animate with {clip.name} "
+        f"({sf.info(clip).duration:.1f} s of audio), npz answers, max_batch_size 8"
+    )
+    print(f"{'concurrency':>11}{'requests':>10}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}")
+    for o in online:
+        print(
+            f"{o.concurrency:>11}{o.requests:>10}{o.rps:>8.1f}{o.p50_ms:>9.0f}{o.p99_ms:>9.0f}"
+            f"{o.max_batch:>7}"
+        )
+    print(
         f"\nmachine: {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), torch "
         f"{torch.__version__} with {torch.get_num_threads()} thread(s) in the plain loops, "
         f"ray {ray.__version__}; load average at start {load:.1f} (other work slows every "
@@ -259,6 +338,7 @@ def main() -> int:
         "clips": len(clips), "formats": formats, "batch_size": args.batch_size,
         "ray_startup_s": startup, "load_average": load,
         "runs": [{**asdict(r), "rate": r.rate} for r in runs],
+        "serve": [asdict(o) for o in online],
     }  # fmt: skip
     (out / "batch_throughput.json").write_text(json.dumps(report, indent=2))
     return 0 if all(ok(r) for r in runs[2:]) else 1
