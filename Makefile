@@ -51,6 +51,7 @@ bench: setup
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/accuracy.py
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/batch_throughput.py
 
 clean:
 	rm -rf $(WORK) .pytest_cache .ruff_cache

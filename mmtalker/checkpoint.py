@@ -63,6 +63,15 @@ class Checkpoint:
     def topology(self) -> Topology:
         return self.model.topology
 
+    def face(self, speaker: str | None = None) -> tuple[np.ndarray, int]:
+        """A training speaker's neutral face and index (default: the first speaker)."""
+        name = speaker or self.model.speakers[0]
+        if name not in self.templates:
+            raise CheckpointError(
+                f"unknown speaker {name!r}; this model has {', '.join(self.model.speakers)}"
+            )
+        return self.templates[name], self.model.speakers.index(name)
+
 
 def build_model(
     kind: str, config: dict[str, Any] | BaseModel, topology: Topology,

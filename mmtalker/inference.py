@@ -54,16 +54,31 @@ def load_audio(path: str | Path) -> tuple[np.ndarray, int]:
     return audio, int(rate)
 
 
-def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
-    """Samples and sample rate of an encoded file's bytes (wav, flac, ogg, mp3; by content)."""
+def decode_audio(data: bytes, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Samples and sample rate of an encoded file's bytes (wav, flac, ogg, mp3; by content).
+
+    With ``max_seconds``, longer audio is refused from its header, before decoding: a few MiB
+    of compressed silence can hold hours of samples.
+    """
     if not data:
         raise AudioError("the file is empty (0 bytes)")
     try:
-        audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
+        with sf.SoundFile(io.BytesIO(data)) as file:
+            rate = file.samplerate
+            limit = None if max_seconds is None else math.floor(max_seconds * rate) + 1
+            if limit is not None and file.frames > limit:
+                raise AudioError(
+                    f"audio is {file.frames / rate:.1f} s, over the limit of {max_seconds:g} s"
+                )
+            # Reading at most one sample past the limit also bounds formats whose header
+            # understates their length.
+            audio = file.read(-1 if limit is None else limit, dtype="float32", always_2d=False)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         # libsndfile's own words, without the "Error opening <BytesIO object at 0x...>" prefix.
         reason = getattr(exc, "error_string", None) or str(exc)
         raise AudioError(f"not a readable audio file (wav, flac, ogg or mp3): {reason}") from exc
+    if limit is not None and len(audio) >= limit:
+        raise AudioError(f"audio is over the limit of {max_seconds:g} s")
     return audio, int(rate)
 
 

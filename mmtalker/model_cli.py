@@ -169,15 +169,13 @@ def animate_file(
     from mmtalker.export import write_outputs
     from mmtalker.inference import animate, load_audio
 
-    name = speaker or checkpoint.model.speakers[0]
-    if name not in checkpoint.templates:
-        raise MMTalkerError(f"unknown speaker {name!r}; this model has {checkpoint.model.speakers}")
+    template, index = checkpoint.face(speaker)
     samples, rate = load_audio(audio)
     started = time.perf_counter()
     vertices = animate(
-        samples, checkpoint.templates[name], checkpoint.model.to(device), sample_rate=rate,
+        samples, template, checkpoint.model.to(device), sample_rate=rate,
         model_sample_rate=checkpoint.sample_rate, fps=checkpoint.fps, chunk_seconds=chunk_seconds,
-        speaker=checkpoint.model.speakers.index(name), device=device,
+        speaker=index, device=device,
     )  # fmt: skip
     elapsed = time.perf_counter() - started
     base = out.with_suffix("") if out.suffix in (".npz", ".glb") else out

@@ -109,3 +109,15 @@ def test_decode_audio_reads_bytes_by_content() -> None:
         decode_audio(b"")
     with pytest.raises(AudioError, match="not a readable audio file"):
         decode_audio(b"this is text, not sound")
+
+
+def test_decode_audio_refuses_long_audio_before_decoding_it() -> None:
+    # An hour of FLAC silence is ~170 KiB: decoding it first would allocate 230 MB.
+    buffer = io.BytesIO()
+    sf.write(buffer, np.zeros(16000 * 3600, np.float32), 16000, format="FLAC")
+    with pytest.raises(AudioError, match=r"3600\.0 s, over the limit of 60 s"):
+        decode_audio(buffer.getvalue(), max_seconds=60)
+    buffer = io.BytesIO()
+    sf.write(buffer, np.zeros(32000, np.float32), 16000, format="WAV")
+    audio, rate = decode_audio(buffer.getvalue(), max_seconds=2.0)
+    assert audio.shape == (32000,) and rate == 16000

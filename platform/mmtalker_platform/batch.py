@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 import trimesh
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from mmtalker import storage
 from mmtalker.checkpoint import Checkpoint
@@ -46,6 +46,8 @@ JOB_FOLDER = "_job"
 DECODE_ROWS = 32
 #: Seconds between writes of the progress file.
 PROGRESS_SECONDS = 2.0
+#: Templates (manifest ``template`` files) each actor keeps loaded.
+TEMPLATE_CACHE = 64
 Status = Literal["animated", "skipped", "failed"]
 _PENDING = "pending"
 
@@ -94,16 +96,14 @@ def run_animation(
     started = time.perf_counter()
     source = resolve_model(spec, settings)
     checkpoint = source.load()
-    if spec.speaker is not None and spec.speaker not in checkpoint.templates:
-        raise BatchError(
-            f"speaker {spec.speaker!r} is not one of the model's: {sorted(checkpoint.templates)}"
-        )
+    if spec.speaker is not None:
+        checkpoint.face(spec.speaker)  # an unknown default speaker fails the job at once
     check_output_outside(spec.catalog, spec.output, s3)
     items = list_catalog(spec.catalog, s3)
     connect(settings)
     dataset = _pipeline(spec, items, source, checkpoint, s3)
     results: dict[int, ItemResult] = {}
-    failure: Exception | None = None
+    failure: BaseException | None = None
     last_write = 0.0
     try:
         for row in dataset.iter_rows():
@@ -113,11 +113,11 @@ def run_animation(
             if time.monotonic() - last_write > PROGRESS_SECONDS:
                 _write_progress(spec, source.model_id, len(items), results, "running", s3)
                 last_write = time.monotonic()
-    except Exception as exc:  # the pipeline's failure, whatever its type: record, then raise
+    except BaseException as exc:  # whatever stopped the pipeline (Ctrl-C too): record, raise
         failure = exc
     cause = f"{type(failure).__name__}: {failure}" if failure else ""
     missing = (
-        f"the job stopped before this item ({cause})"
+        f"the job stopped before this item was reported; a re-run finishes it ({cause})"
         if failure
         else "the pipeline returned no result for this item"
     )
@@ -132,6 +132,8 @@ def run_animation(
     _write_progress(
         spec, source.model_id, len(items), results, "failed" if failure else "finished", s3
     )
+    if isinstance(failure, KeyboardInterrupt):
+        raise failure
     if failure is not None:
         raise BatchError(
             f"the animation pipeline stopped ({cause}); results so far in {manifest_uri}"
@@ -262,25 +264,24 @@ def load_clips(
     for row in _rows(batch):
         row.update(status=_PENDING, audio=np.zeros(0, np.float32), audio_seconds=math.nan,
                    frames=-1, outputs="{}")  # fmt: skip
-        record = (
-            None if overwrite or row["error"] else _finished(row, output, model_id, formats, s3)
-        )
-        if record is not None:
-            row.update(status="skipped", audio_seconds=record["audio_seconds"],
-                       frames=record["frames"], outputs=json.dumps(record["outputs"]))  # fmt: skip
-        elif row["error"]:
+        if row["error"]:
             row["status"] = "failed"
-        else:
-            try:
-                samples, rate = decode_audio(storage.read_bytes(row["audio_uri"], s3))
-                seconds = len(samples) / rate
-                if seconds > max_seconds:
-                    raise MMTalkerError(
-                        f"audio is {seconds:.1f} s, over the job's max_seconds {max_seconds:g}"
-                    )
-                row.update(audio=prepare_audio(samples, rate, sample_rate), audio_seconds=seconds)
-            except Exception as exc:  # one bad item is recorded, never fatal to the batch
-                row.update(status="failed", error=_reason(exc))
+            rows.append(row)
+            continue
+        try:
+            record = None if overwrite else _finished(row, output, model_id, formats, s3)
+            if record is not None:
+                row.update(status="skipped", audio_seconds=record.audio_seconds,
+                           frames=record.frames, outputs=json.dumps(record.outputs))  # fmt: skip
+            else:
+                data = storage.read_bytes(row["audio_uri"], s3)
+                samples, rate = decode_audio(data, max_seconds)
+                row.update(
+                    audio=prepare_audio(samples, rate, sample_rate),
+                    audio_seconds=len(samples) / rate,
+                )
+        except Exception as exc:  # one bad item is recorded, never fatal to the batch
+            row.update(status="failed", error=_reason(exc))
         rows.append(row)
     rows.sort(key=lambda r: len(r["audio"]))
     return _columns(rows)
@@ -334,40 +335,19 @@ class ClipAnimator:
         return _columns(rows)
 
     def _clip(self, row: dict[str, Any]) -> Clip:
-        checkpoint = self.checkpoint
         if row["template_uri"]:
-            template = self._template(row["template_uri"])
-            return Clip(row["audio"], template, -1)
-        name = row["speaker"] or self.speaker
-        if name not in checkpoint.templates:
-            raise MMTalkerError(
-                f"speaker {name!r} is not one of the model's: {sorted(checkpoint.templates)}"
-            )
-        return Clip(row["audio"], checkpoint.templates[name], checkpoint.model.speakers.index(name))
+            return Clip(row["audio"], self._template(row["template_uri"]), -1)
+        template, index = self.checkpoint.face(row["speaker"] or self.speaker)
+        return Clip(row["audio"], template, index)
 
     def _animate(
         self, pending: list[tuple[dict[str, Any], Clip]]
     ) -> list[tuple[dict[str, Any], np.ndarray | Exception]]:
-        """Positions per clip; a failing group is retried clip by clip so one bad clip fails."""
-        checkpoint = self.checkpoint
-
-        def run(clips: list[Clip]) -> list[np.ndarray]:
-            return animate_clips(
-                clips, checkpoint.model, model_sample_rate=checkpoint.sample_rate,
-                fps=checkpoint.fps, chunk_seconds=self.chunk_seconds, max_batch=self.batch_size,
-                device=self.device,
-            )  # fmt: skip
-
-        try:
-            return list(zip((r for r, _ in pending), run([c for _, c in pending]), strict=True))
-        except Exception:  # find the clip that broke the group: each alone, failures recorded
-            outcomes: list[tuple[dict[str, Any], np.ndarray | Exception]] = []
-            for row, clip in pending:
-                try:
-                    outcomes.append((row, run([clip])[0]))
-                except Exception as exc:
-                    outcomes.append((row, exc))
-            return outcomes
+        outcomes = animate_isolated(
+            self.checkpoint, [clip for _, clip in pending], chunk_seconds=self.chunk_seconds,
+            max_batch=self.batch_size, device=self.device,
+        )  # fmt: skip
+        return list(zip((row for row, _ in pending), outcomes, strict=True))
 
     def _write(self, row: dict[str, Any], vertices: np.ndarray) -> None:
         base = storage.join(self.output, row["item_id"])
@@ -375,21 +355,52 @@ class ClipAnimator:
         outputs = write_outputs(
             vertices, self.checkpoint.fps, topology, base, set(self.formats), self.s3
         )
-        record = {
-            "item_id": row["item_id"], "audio_uri": row["audio_uri"], "model": self.model_id,
-            "formats": self.formats, "outputs": outputs, "audio_seconds": row["audio_seconds"],
-            "frames": len(vertices), "fps": self.checkpoint.fps, "topology_id": topology.id,
-            "finished": datetime.now(UTC).isoformat(),
-        }  # fmt: skip
+        record = ItemRecord(
+            item_id=row["item_id"], audio_uri=row["audio_uri"], model=self.model_id,
+            formats=self.formats, outputs=outputs, audio_seconds=row["audio_seconds"],
+            frames=len(vertices), fps=self.checkpoint.fps, topology_id=topology.id,
+            finished=datetime.now(UTC),
+        )  # fmt: skip
         # Written after every output: its presence is what makes the item done.
-        storage.write_bytes(f"{base}.json", json.dumps(record).encode(), self.s3)
+        storage.write_bytes(f"{base}.json", record.model_dump_json().encode(), self.s3)
         row.update(status="animated", frames=len(vertices), outputs=json.dumps(outputs))
 
     def _template(self, uri: str) -> np.ndarray:
         if uri not in self.templates:
+            if len(self.templates) >= TEMPLATE_CACHE:
+                self.templates.pop(next(iter(self.templates)))
             self.templates[uri] = load_template(uri, self.checkpoint.model.topology.num_vertices,
                                                 self.s3)  # fmt: skip
         return self.templates[uri]
+
+
+def animate_isolated(
+    checkpoint: Checkpoint,
+    clips: list[Clip],
+    *,
+    chunk_seconds: float = 20.0,
+    max_batch: int = 16,
+    device: str = "cpu",
+) -> list[np.ndarray | Exception]:
+    """Positions per clip, or the exception that clip raised: a group that fails is retried
+    clip by clip, so one bad clip fails alone instead of taking its batch with it."""
+
+    def run(group: list[Clip]) -> list[np.ndarray]:
+        return animate_clips(
+            group, checkpoint.model, model_sample_rate=checkpoint.sample_rate,
+            fps=checkpoint.fps, chunk_seconds=chunk_seconds, max_batch=max_batch, device=device,
+        )  # fmt: skip
+
+    try:
+        return list(run(clips))
+    except Exception:  # find the clip that broke the group; each failure is returned, not raised
+        outcomes: list[np.ndarray | Exception] = []
+        for clip in clips:
+            try:
+                outcomes.append(run([clip])[0])
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
 
 
 def load_template(uri: str, num_vertices: int, s3: S3Settings | None = None) -> np.ndarray:
@@ -417,21 +428,36 @@ def load_template(uri: str, num_vertices: int, s3: S3Settings | None = None) -> 
     return vertices
 
 
+class ItemRecord(BaseModel):
+    """``OUTPUT/<item_id>.json``, written after an item's outputs: the item is done."""
+
+    item_id: str
+    audio_uri: str
+    model: str
+    formats: list[str]
+    outputs: dict[str, str]
+    audio_seconds: float
+    frames: int
+    fps: float
+    topology_id: str
+    finished: datetime
+
+
 def _finished(
     row: dict[str, Any], output: str, model_id: str, formats: list[str], s3: S3Settings
-) -> dict[str, Any] | None:
+) -> ItemRecord | None:
     """The item's record when an earlier run finished it with this model and these formats."""
     uri = storage.join(output, f"{row['item_id']}.json")
     if not storage.is_file(uri, s3):
         return None
     try:
-        record = json.loads(storage.read_bytes(uri, s3))
-    except ValueError:
-        return None
+        record = ItemRecord.model_validate_json(storage.read_bytes(uri, s3))
+    except ValidationError:
+        return None  # not ours, or damaged: the item is redone and the record replaced
     same = (
-        record.get("model") == model_id
-        and record.get("audio_uri") == row["audio_uri"]
-        and set(formats) <= set(record.get("formats", []))
+        record.model == model_id
+        and record.audio_uri == row["audio_uri"]
+        and set(formats) <= set(record.formats)
     )
     return record if same else None
 
@@ -440,7 +466,7 @@ def _write_progress(
     spec: AnimateJobSpec,
     model_id: str,
     total: int,
-    results: dict[str, ItemResult],
+    results: dict[int, ItemResult],
     state: str,
     s3: S3Settings,
 ) -> None:

@@ -1,8 +1,8 @@
 """Audio catalogs: a prefix of audio files, or a manifest (CSV or Parquet) of audio URIs.
 
-Every file under a prefix and every manifest row becomes exactly one :class:`CatalogItem`,
-including the ones that cannot be animated (a text file, a row without audio, a duplicate id):
-those carry the reason, so the results manifest accounts for all of them.
+Every file under a prefix (hidden dot-files aside) and every manifest row becomes exactly one
+:class:`CatalogItem`, including the ones that cannot be animated (a text file, a row without
+audio, a duplicate id): those carry the reason, so the results manifest accounts for all.
 """
 
 from __future__ import annotations
@@ -153,15 +153,19 @@ def _mark_duplicates(items: list[CatalogItem]) -> list[CatalogItem]:
 
 
 def _item_id(relative: str) -> str:
-    """Output name of an item: its relative path without the audio extension, made URI-safe."""
+    """Output name of an item: its relative path without the audio extension, made URI-safe.
+
+    Every segment is a plain name: no ``..`` (outputs stay inside the output folder), and no
+    leading ``.`` or ``_`` (hidden outputs; ``_job/`` holds the job's own files).
+    """
     path = PurePosixPath(relative)
     stem = str(path.with_suffix("")) if path.suffix.lower() in AUDIO_SUFFIXES else str(path)
-    # A leading "_" or "." would hide the outputs (and "_job/" holds the job's own files).
-    return _UNSAFE.sub("_", stem).lstrip("/._") or "item"
+    parts = [_UNSAFE.sub("_", part).lstrip("._") for part in stem.split("/")]
+    return "/".join(part for part in parts if part) or "item"
 
 
 def _hidden(relative: str) -> bool:
-    return any(part.startswith(".") or part.startswith("_") for part in relative.split("/"))
+    return any(part.startswith(".") for part in relative.split("/"))
 
 
 def _text(value: object) -> str:

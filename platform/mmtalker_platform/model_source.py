@@ -35,15 +35,17 @@ class ModelSource(BaseModel):
 def resolve_model(choice: ModelChoice, settings: PlatformSettings) -> ModelSource:
     """The files of the chosen registry version (``NAME/VERSION`` id) or checkpoint folder.
 
-    A folder's id is a digest of its weights, so a changed checkpoint is a different model.
+    A folder's id is a digest of its files, so a changed checkpoint is a different model.
     """
     if choice.checkpoint is not None:
         folder = Path(choice.checkpoint)
         if not (folder / "config.json").is_file():
             raise MMTalkerError(f"{folder} is not a checkpoint folder (no config.json)")
         files = _read_folder(folder)
-        digest = hashlib.sha256(files.get("model.safetensors", b"")).hexdigest()[:16]
-        return ModelSource(model_id=f"checkpoint:{digest}", files=files)
+        digest = hashlib.sha256()
+        for name in sorted(files):
+            digest.update(name.encode() + b"\0" + files[name])
+        return ModelSource(model_id=f"checkpoint:{digest.hexdigest()[:16]}", files=files)
     # Imported here: MLflow takes seconds to import, and actors that load a ModelSource's
     # files never need it.
     from mmtalker_platform import registry

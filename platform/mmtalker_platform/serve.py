@@ -21,6 +21,7 @@ import os
 import shlex
 import sys
 import uuid
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -30,10 +31,10 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from mmtalker.errors import MMTalkerError
+from mmtalker.errors import AudioError, MMTalkerError
 from mmtalker.export import npz_bytes, to_glb
-from mmtalker.inference import Clip, animate_clips, decode_audio, prepare_audio
-from mmtalker_platform.batch import read_progress
+from mmtalker.inference import Clip, decode_audio, prepare_audio
+from mmtalker_platform.batch import animate_isolated, read_progress
 from mmtalker_platform.model_source import resolve_model
 from mmtalker_platform.settings import PlatformSettings
 from mmtalker_platform.spec import ModelChoice
@@ -57,6 +58,25 @@ class ServeConfig(ModelChoice):
     token_env: str = "MMTALKER_SERVE_TOKEN"
     #: Ray Jobs API for ``POST /v1/jobs`` (default: MMTALKER_RAY_DASHBOARD or the local one).
     jobs_address: str | None = None
+    #: Locations jobs may read catalogs from and write outputs to (``s3://bucket/prefix/`` or
+    #: absolute paths). Without a token, POST /v1/jobs is refused unless this names some.
+    job_prefixes: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _absolute_checkpoint(self) -> "ServeConfig":
+        # Replicas and the jobs this app submits run in other working directories.
+        if self.checkpoint is not None:
+            self.checkpoint = str(Path(self.checkpoint).expanduser().resolve())
+        return self
+
+    def allows(self, location: str) -> bool:
+        """Whether ``location`` lies under one of ``job_prefixes`` (and has no ``..``)."""
+        if ".." in location.split("/"):
+            return False
+        return any(
+            location == prefix.rstrip("/") or location.startswith(prefix.rstrip("/") + "/")
+            for prefix in self.job_prefixes
+        )
 
 
 class JobRequest(BaseModel):
@@ -108,6 +128,7 @@ class Animator:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.device = "cuda" if config.use_gpu else "cpu"
+        # build_app pinned a registry reference to one version, so replicas never mix versions.
         source = resolve_model(config, PlatformSettings())
         self.checkpoint, self.model_id = source.load(self.device), source.model_id
         self.animate.set_max_batch_size(config.max_batch_size)
@@ -129,31 +150,27 @@ class Animator:
 
     def _animate(self, items: list[AnimateItem]) -> list[AnimateResult]:
         checkpoint = self.checkpoint
-        speakers = checkpoint.model.speakers
-        results: list[AnimateResult | None] = [None] * len(items)
+        results = [AnimateResult(batch_size=len(items)) for _ in items]
         clips, where = [], []
         for index, item in enumerate(items):
-            name = item.speaker or speakers[0]
-            if name not in checkpoint.templates:
-                results[index] = AnimateResult(
-                    status=400, error=f"unknown speaker {name!r}; this model has {speakers}"
-                )
+            try:
+                template, speaker = checkpoint.face(item.speaker)
+            except MMTalkerError as exc:
+                results[index] = AnimateResult(status=400, error=str(exc))
                 continue
-            clips.append(Clip(item.audio, checkpoint.templates[name], speakers.index(name)))
+            clips.append(Clip(item.audio, template, speaker))
             where.append(index)
-        outputs = animate_clips(
-            clips, checkpoint.model, model_sample_rate=checkpoint.sample_rate,
-            fps=checkpoint.fps, max_batch=len(items), device=self.device,
-        )  # fmt: skip
-        topology = checkpoint.model.topology
-        for index, vertices in zip(where, outputs, strict=True):
-            encode = npz_bytes if items[index].format == "npz" else to_glb
-            results[index] = AnimateResult(
-                content=encode(vertices, checkpoint.fps, topology),
-                frames=len(vertices),
-                batch_size=len(items),
-            )
-        return [r for r in results if r is not None]
+        outcomes = animate_isolated(checkpoint, clips, max_batch=len(items), device=self.device)
+        for index, vertices in zip(where, outcomes, strict=True):
+            try:
+                if isinstance(vertices, Exception):
+                    raise vertices
+                encode = npz_bytes if items[index].format == "npz" else to_glb
+                results[index].content = encode(vertices, checkpoint.fps, checkpoint.topology)
+                results[index].frames = len(vertices)
+            except Exception as exc:  # this request fails alone; the rest of its batch is served
+                results[index] = AnimateResult(status=500, error=f"animation failed: {exc}")
+        return results
 
 
 app = FastAPI(title="MMTalker", description="Speech-driven 3D facial animation.")
@@ -187,18 +204,12 @@ class Api:
         """Animate the uploaded audio file; the body is the file itself."""
         self._authorize(request)
         data = await self._read_limited(request)
+        info = await self._info()
         try:
-            samples, rate = decode_audio(data)
-            seconds = len(samples) / rate
-            if seconds > self.config.max_seconds:
-                raise HTTPException(
-                    413, f"audio is {seconds:.1f} s; this server accepts up to "
-                    f"{self.config.max_seconds:g} s per request (use POST /v1/jobs for more)",
-                )  # fmt: skip
-            info = await self._info()
-            audio = prepare_audio(samples, rate, info["sample_rate"])
-        except MMTalkerError as exc:
-            raise HTTPException(400, str(exc)) from exc
+            audio, seconds = await asyncio.to_thread(self._decode, data, info["sample_rate"])
+        except AudioError as exc:
+            status = 413 if "over the limit" in str(exc) else 400
+            raise HTTPException(status, str(exc)) from exc
         item = AnimateItem(audio=audio, speaker=speaker, format=format)
         result: AnimateResult = await self.animator.animate.remote(item)
         if result.status != 200:
@@ -217,6 +228,7 @@ class Api:
     async def submit_job(self, request: Request, job: JobRequest) -> dict[str, str]:
         """Submit a catalog animation job to the Ray Jobs API; returns its id."""
         self._authorize(request)
+        check_job_locations(self.config, self.token, job)
         submission_id = f"{JOB_PREFIX}{uuid.uuid4().hex[:12]}"
         command = [
             sys.executable, "-m", "mmtalker_platform.cli", "animate", "--catalog", job.catalog,
@@ -225,9 +237,10 @@ class Api:
             *self._model_arguments(job), *(["--speaker", job.speaker] if job.speaker else []),
             *(["--overwrite"] if job.overwrite else []),
         ]  # fmt: skip
+        client = await asyncio.to_thread(self._jobs)
         try:
             await asyncio.to_thread(
-                self._jobs().submit_job,
+                client.submit_job,
                 entrypoint=shlex.join(command),
                 submission_id=submission_id,
                 metadata={"kind": "animate", "output": job.output, "catalog": job.catalog},
@@ -240,8 +253,9 @@ class Api:
     async def job_status(self, request: Request, job_id: str) -> dict[str, Any]:
         """A job's state (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) and item counts."""
         self._authorize(request)
+        client = await asyncio.to_thread(self._jobs)
         try:
-            info = await asyncio.to_thread(self._jobs().get_job_info, job_id)
+            info = await asyncio.to_thread(client.get_job_info, job_id)
         except RuntimeError as exc:
             # The Jobs API client turns every non-200 answer into a RuntimeError naming it.
             if "status code 404" in str(exc):
@@ -251,10 +265,17 @@ class Api:
         if metadata.get("kind") != "animate":
             raise HTTPException(404, f"no animation job {job_id!r}")
         progress = await asyncio.to_thread(read_progress, metadata["output"], self.settings.s3)
+        # The first line only: a failed job's message can carry the tail of its log.
+        message = (info.message or "").strip().split("\n")[0][:300]
         return {
-            "id": job_id, "status": str(info.status.value), "message": info.message,
+            "id": job_id, "status": str(info.status.value), "message": message,
             "catalog": metadata["catalog"], "output": metadata["output"], "progress": progress,
         }  # fmt: skip
+
+    def _decode(self, data: bytes, sample_rate: int) -> tuple[np.ndarray, float]:
+        """Mono audio at the model's rate and its duration; limits checked before decoding."""
+        samples, rate = decode_audio(data, self.config.max_seconds)
+        return prepare_audio(samples, rate, sample_rate), len(samples) / rate
 
     def _model_arguments(self, job: JobRequest) -> list[str]:
         if job.model is not None:
@@ -285,7 +306,10 @@ class Api:
             return
         given = request.headers.get("authorization", "")
         scheme, _, credential = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(credential, self.token):
+        # Bytes: compare_digest refuses non-ASCII str, which would answer 500 instead of 401.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            credential.encode(), self.token.encode()
+        ):
             raise HTTPException(
                 401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
             )
@@ -309,8 +333,32 @@ class Api:
         return body.getvalue()
 
 
+def check_job_locations(config: ServeConfig, token: str, job: JobRequest) -> None:
+    """Jobs read and write where the server allows (403 otherwise); an open server submits none."""
+    prefixes = config.job_prefixes
+    if not token and not prefixes:
+        raise HTTPException(
+            403, "job submission is off on this server: it has no bearer token (set "
+            f"{config.token_env}) and no job_prefixes limiting where jobs read and write",
+        )  # fmt: skip
+    for location in (job.catalog, job.output) if prefixes else ():
+        if not config.allows(location):
+            raise HTTPException(
+                403, f"{location} is outside the locations jobs may use here: {prefixes}"
+            )
+
+
 def build_app(config: ServeConfig) -> Application:
-    """The application ``serve run``/``serve deploy`` and ``mmtalker serve`` start."""
+    """The application ``serve run``/``serve deploy`` and ``mmtalker serve`` start.
+
+    A registry reference is pinned here to the version it names now, so every replica (and
+    every job submitted through the app) uses that one even after an alias moves.
+    """
+    if config.model is not None:
+        from mmtalker_platform.registry import show
+
+        info = show(config.tracking_uri or PlatformSettings().tracking_uri, config.model)
+        config = config.model_copy(update={"model": f"{info.name}/{info.version}"})
     token = os.environ.get(config.token_env, "")
     resources: dict[str, Any] = {"num_cpus": config.cpus_per_replica}
     if config.use_gpu:

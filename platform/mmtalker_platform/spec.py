@@ -118,8 +118,6 @@ class ModelChoice(_Strict):
             if "model" in self.model_fields_set and self.model is not None:
                 raise ValueError("give model (a registry reference) or checkpoint, not both")
             self.model = None
-            # Jobs and Serve replicas run in other working directories.
-            self.checkpoint = str(Path(self.checkpoint).expanduser().resolve())
         if self.model is None and self.checkpoint is None:
             raise ValueError("give model (a registry reference) or checkpoint (a folder)")
         return self

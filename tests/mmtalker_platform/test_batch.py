@@ -31,6 +31,8 @@ from mmtalker_platform import registry
 from mmtalker_platform.batch import (
     BatchOutcome,
     ItemResult,
+    animate_isolated,
+    load_clips,
     read_manifest,
     read_progress,
     run_animation,
@@ -46,7 +48,7 @@ BROKEN = {
     "notes.txt": "not an audio file",
     "garbage": "not a readable audio file",
     "nan": "NaN",
-    "long": "max_seconds",
+    "long": "over the limit of 12 s",
 }
 
 
@@ -279,3 +281,45 @@ def _stable_record_count(bucket: str, prefix: str) -> int:
             count, since = current, time.monotonic()
         time.sleep(0.3)
     return count
+
+
+def test_damaged_or_foreign_records_make_an_item_redone_not_a_crash(tmp_path: Path) -> None:
+    """load_clips alone (no Ray): a record that is not ours never stops the pipeline."""
+    audio = tmp_path / "a.wav"
+    sf.write(audio, np.zeros(1600, np.float32), 16000)
+    out = tmp_path / "out"
+    out.mkdir()
+    ids = ["list", "partial", "text", "good"]
+    (out / "list.json").write_text("[]")
+    (out / "partial.json").write_text('{"item_id": "partial", "model": "m"}')
+    (out / "text.json").write_text("not json")
+    good = {
+        "item_id": "good", "audio_uri": str(audio), "model": "m", "formats": ["npz"],
+        "outputs": {"npz": "x.npz"}, "audio_seconds": 0.1, "frames": 3, "fps": 30.0,
+        "topology_id": "t", "finished": "2026-11-25T00:00:00+00:00",
+    }  # fmt: skip
+    (out / "good.json").write_text(json.dumps(good))
+    batch = {
+        "item_id": np.array(ids), "audio_uri": np.array([str(audio)] * 4),
+        "speaker": np.array([""] * 4), "template_uri": np.array([""] * 4),
+        "error": np.array([""] * 4), "index": np.arange(4),
+    }  # fmt: skip
+    rows = load_clips(
+        batch, output=str(out), model_id="m", formats=["npz"], overwrite=False,
+        sample_rate=16000, max_seconds=10.0, s3=S3Settings(),
+    )  # fmt: skip
+    status = dict(zip(rows["item_id"], rows["status"], strict=True))
+    assert status == {"list": "pending", "partial": "pending", "text": "pending", "good": "skipped"}
+
+
+def test_one_bad_clip_fails_alone_in_its_group(model_folder: Path, small_face: tuple) -> None:
+    from mmtalker.checkpoint import load_checkpoint
+    from mmtalker.inference import Clip
+
+    checkpoint = load_checkpoint(model_folder)
+    template = next(iter(small_face[0].values()))
+    tone = (0.1 * np.sin(np.arange(8000) / 5)).astype(np.float32)
+    clips = [Clip(tone, template, 0), Clip(tone, template[:10], 0), Clip(tone[:7000], template, 1)]
+    outcomes = animate_isolated(checkpoint, clips)
+    assert isinstance(outcomes[1], Exception)
+    assert outcomes[0].shape == (15, len(template), 3) and outcomes[2].shape[0] == 14

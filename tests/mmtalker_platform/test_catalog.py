@@ -36,10 +36,19 @@ def test_prefix_lists_nested_audio_with_relative_ids(tmp_path: Path) -> None:
 
 def test_prefix_ignores_hidden_files_and_folders(tmp_path: Path) -> None:
     root = tmp_path / "catalog"
-    for name in ("a.wav", ".DS_Store", "_SUCCESS", ".cache/b.wav", "_job/c.wav", "d/.e.wav"):
+    for name in ("a.wav", ".DS_Store", ".cache/b.wav", "d/.e.wav", "_take2.wav"):
         _touch(root / name)
-    # "_job/" is where a batch job keeps its own files; dotfiles are editor/OS debris.
-    assert [item.item_id for item in list_catalog(str(root))] == ["a"]
+    # Dotfiles are editor/OS debris; a leading "_" is a real file whose output name drops it.
+    items = list_catalog(str(root))
+    assert [item.item_id for item in items] == ["take2", "a"]
+    assert all(item.error == "" for item in items)
+
+
+def test_ids_never_leave_the_output_folder(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("audio,id\na.wav,x/../../../etc/evil\nb.wav,..\nc.wav,./_job/x\n")
+    ids = [item.item_id for item in list_catalog(str(manifest))]
+    assert ids == ["x/etc/evil", "item", "job/x"]
 
 
 def test_same_stem_twice_marks_the_second_as_duplicate(tmp_path: Path) -> None:

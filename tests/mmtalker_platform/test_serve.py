@@ -17,6 +17,7 @@ import requests
 import soundfile as sf
 import torch
 import yaml
+from fastapi import HTTPException
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
@@ -25,7 +26,7 @@ from mmtalker.data.sequence import Topology
 from mmtalker.export import from_glb, read_npz
 from mmtalker.inference import animate
 from mmtalker.nn.mmtalker import MMTalker, MMTalkerConfig
-from mmtalker_platform.serve import ServeConfig, build_app
+from mmtalker_platform.serve import JobRequest, ServeConfig, build_app, check_job_locations
 from mmtalker_platform.serve_cli import APP_NAME, read_serve_config
 
 if TYPE_CHECKING:
@@ -95,7 +96,10 @@ def checkpoint(checkpoint_folder: Path) -> Checkpoint:
 
 @pytest.fixture(scope="module")
 def server(
-    local_ray: RayContext, checkpoint_folder: Path, ports: Callable[[], int]
+    local_ray: RayContext,
+    checkpoint_folder: Path,
+    ports: Callable[[], int],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     """The application on a real Serve HTTP proxy at 127.0.0.1; yields its base URL."""
     port = ports()
@@ -103,6 +107,7 @@ def server(
         checkpoint=str(checkpoint_folder), max_upload_mb=MAX_UPLOAD_MB, max_seconds=MAX_SECONDS,
         max_batch_size=4, batch_wait_timeout_s=0.2, token_env=f"{TOKEN_ENV}_UNSET",
         jobs_address=f"http://{local_ray.dashboard_url}",
+        job_prefixes=[str(tmp_path_factory.getbasetemp())],
     )  # fmt: skip
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
@@ -233,11 +238,15 @@ def test_bearer_token_guards_every_route_but_healthz(
         base = f"{server}/secured"
         assert requests.get(f"{base}/healthz", timeout=30).status_code == 200
         clip = _encode(_tone(0.5))
-        for header in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"}):
+        wrong = ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"},
+                 {"Authorization": "Bearer s3cret-tökén".encode()})  # fmt: skip
+        for header in wrong:
             answer = requests.post(f"{base}/v1/animate", data=clip, headers=header, timeout=60)
             assert answer.status_code == 401, header
             assert answer.headers["WWW-Authenticate"] == "Bearer"
         assert requests.get(f"{base}/v1/jobs/some-id", timeout=30).status_code == 401
+        job = {"catalog": "s3://b/audio", "output": "s3://b/out"}
+        assert requests.post(f"{base}/v1/jobs", json=job, timeout=30).status_code == 401
         good = {"Authorization": "Bearer s3cret-token"}
         answer = requests.post(f"{base}/v1/animate", data=clip, headers=good, timeout=60)
         assert answer.status_code == 200 and _npz(answer).shape == (15, 600, 3)
@@ -254,6 +263,13 @@ def test_catalog_job_runs_through_the_jobs_api(server: str, tmp_path: Path) -> N
     )
     assert relative.status_code == 422
     assert "absolute path" in relative.text
+    # Jobs read and write only under the server's job_prefixes.
+    for body in (
+        {"catalog": "/etc", "output": str(tmp_path)},
+        {"catalog": str(tmp_path), "output": f"{tmp_path}/../../../elsewhere"},
+    ):
+        outside = requests.post(f"{server}/v1/jobs", json=body, timeout=30)
+        assert outside.status_code == 403 and "outside the locations" in outside.text
     catalog, output = tmp_path / "catalog", tmp_path / "out"
     catalog.mkdir()
     lengths = {"a": 0.5, "b": 0.8, "c": 1.0}
@@ -296,3 +312,16 @@ def test_serve_yaml_is_a_valid_deploy_config_of_this_application() -> None:
     config = ServeConfig.model_validate(read_serve_config(SERVE_YAML))
     assert config.model == "mmtalker@champion" and config.checkpoint is None
     assert config.token_env == ServeConfig().token_env
+
+
+def test_an_open_server_submits_no_jobs(checkpoint_folder: Path) -> None:
+    # Without a token or job_prefixes, anyone reaching the port could read and write anywhere.
+    config = ServeConfig(checkpoint=str(checkpoint_folder))
+    job = JobRequest(catalog="s3://b/audio", output="s3://b/out")
+    with pytest.raises(HTTPException) as refused:
+        check_job_locations(config, "", job)
+    assert refused.value.status_code == 403 and "job submission is off" in refused.value.detail
+    check_job_locations(config, "token", job)
+    limited = config.model_copy(update={"job_prefixes": ["s3://b/"]})
+    check_job_locations(limited, "", job)
+    assert not limited.allows("s3://b/../c") and not limited.allows("s3://bb/x")

@@ -92,16 +92,23 @@ def test_bad_animate_specs_name_the_field(tmp_path: Path, text: str, message: st
         load_spec(path)
 
 
-def test_a_checkpoint_path_is_made_absolute_for_jobs_in_other_folders() -> None:
+def test_a_checkpoint_replaces_the_default_model() -> None:
     spec = AnimateJobSpec(name="a", catalog="s3://b/c", output="s3://b/o", checkpoint="ck")
-    assert spec.model is None and Path(spec.checkpoint or "").is_absolute()
+    assert spec.model is None and spec.checkpoint == "ck"
 
 
-def test_submit_refuses_relative_catalog_and_output(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ("catalog: audio/\noutput: s3://b/o\n", "catalog 'audio/' is relative"),
+        ("catalog: s3://b/a\noutput: s3://b/o\ncheckpoint: ck\n", "checkpoint 'ck' is relative"),
+    ],
+)
+def test_submit_refuses_paths_relative_to_this_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fields: str, message: str
 ) -> None:
     monkeypatch.chdir(tmp_path)
     spec = tmp_path / "animate.yaml"
-    spec.write_text("kind: animate\nname: x\ncatalog: audio/\noutput: s3://b/o\n")
-    with pytest.raises(JobError, match="catalog 'audio/' is relative"):
+    spec.write_text("kind: animate\nname: x\n" + fields)
+    with pytest.raises(JobError, match=message):
         submit(spec, "http://127.0.0.1:1")
