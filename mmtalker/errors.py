@@ -25,5 +25,9 @@ class AudioError(MMTalkerError):
     """Audio is unreadable, empty or not finite."""
 
 
+class AudioTooLongError(AudioError):
+    """Audio is longer than the caller accepts."""
+
+
 class ExportError(MMTalkerError, ValueError):
     """An animation cannot be exported or read back: bad shape, values, format or file."""

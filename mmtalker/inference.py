@@ -19,7 +19,7 @@ import soundfile as sf
 import soxr
 import torch
 
-from mmtalker.errors import AudioError, MMTalkerError
+from mmtalker.errors import AudioError, AudioTooLongError, MMTalkerError
 from mmtalker.nn.base import AnimationModel
 
 
@@ -67,7 +67,7 @@ def decode_audio(data: bytes, max_seconds: float | None = None) -> tuple[np.ndar
             rate = file.samplerate
             limit = None if max_seconds is None else math.floor(max_seconds * rate) + 1
             if limit is not None and file.frames > limit:
-                raise AudioError(
+                raise AudioTooLongError(
                     f"audio is {file.frames / rate:.1f} s, over the limit of {max_seconds:g} s"
                 )
             # Reading at most one sample past the limit also bounds formats whose header
@@ -78,7 +78,7 @@ def decode_audio(data: bytes, max_seconds: float | None = None) -> tuple[np.ndar
         reason = getattr(exc, "error_string", None) or str(exc)
         raise AudioError(f"not a readable audio file (wav, flac, ogg or mp3): {reason}") from exc
     if limit is not None and len(audio) >= limit:
-        raise AudioError(f"audio is over the limit of {max_seconds:g} s")
+        raise AudioTooLongError(f"audio is over the limit of {max_seconds:g} s")
     return audio, int(rate)
 
 

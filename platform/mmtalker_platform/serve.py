@@ -31,7 +31,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from mmtalker.errors import AudioError, MMTalkerError
+from mmtalker.errors import AudioError, AudioTooLongError, MMTalkerError
 from mmtalker.export import npz_bytes, to_glb
 from mmtalker.inference import Clip, decode_audio, prepare_audio
 from mmtalker_platform.batch import animate_isolated, read_progress
@@ -208,7 +208,7 @@ class Api:
         try:
             audio, seconds = await asyncio.to_thread(self._decode, data, info["sample_rate"])
         except AudioError as exc:
-            status = 413 if "over the limit" in str(exc) else 400
+            status = 413 if isinstance(exc, AudioTooLongError) else 400
             raise HTTPException(status, str(exc)) from exc
         item = AnimateItem(audio=audio, speaker=speaker, format=format)
         result: AnimateResult = await self.animator.animate.remote(item)
