@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from mmtalker.errors import MMTalkerError
 from mmtalker.export import FORMATS
-from mmtalker_platform.spec import AnimateJobSpec
+
+if TYPE_CHECKING:
+    # Imported where used: the spec pulls in torch and torch-geometric (~8 s), which every
+    # `mmtalker` invocation, --help included, would otherwise pay for.
+    from mmtalker_platform.spec import AnimateJobSpec
 
 
 def _formats(text: str) -> list[str]:
@@ -69,6 +73,7 @@ def animate_command(
         return
     if audio is not None or output is None:
         raise MMTalkerError("--catalog needs --output and no AUDIO argument")
+    from mmtalker_platform.spec import AnimateJobSpec
 
     fields = {
         "name": name, "catalog": catalog, "output": output, "formats": chosen,

@@ -101,6 +101,24 @@ class JobRequest(BaseModel):
         return self
 
 
+def check_job_locations(config: ServeConfig, token: str, job: JobRequest) -> None:
+    """Jobs read and write where the server allows (403 otherwise); an open server submits none.
+
+    Defined before the deployments: Serve captures their module globals when they are declared.
+    """
+    prefixes = config.job_prefixes
+    if not token and not prefixes:
+        raise HTTPException(
+            403, "job submission is off on this server: it has no bearer token (set "
+            f"{config.token_env}) and no job_prefixes limiting where jobs read and write",
+        )  # fmt: skip
+    for location in (job.catalog, job.output) if prefixes else ():
+        if not config.allows(location):
+            raise HTTPException(
+                403, f"{location} is outside the locations jobs may use here: {prefixes}"
+            )
+
+
 class AnimateItem(BaseModel):
     """One online request, as the animator deployment receives it."""
 
@@ -331,21 +349,6 @@ class Api:
         if body.tell() == 0:
             raise HTTPException(400, "the request body is empty; send the audio file as the body")
         return body.getvalue()
-
-
-def check_job_locations(config: ServeConfig, token: str, job: JobRequest) -> None:
-    """Jobs read and write where the server allows (403 otherwise); an open server submits none."""
-    prefixes = config.job_prefixes
-    if not token and not prefixes:
-        raise HTTPException(
-            403, "job submission is off on this server: it has no bearer token (set "
-            f"{config.token_env}) and no job_prefixes limiting where jobs read and write",
-        )  # fmt: skip
-    for location in (job.catalog, job.output) if prefixes else ():
-        if not config.allows(location):
-            raise HTTPException(
-                403, f"{location} is outside the locations jobs may use here: {prefixes}"
-            )
 
 
 def build_app(config: ServeConfig) -> Application:

@@ -202,7 +202,7 @@ BAD_REQUESTS = [
         lambda: _encode(_tone(5.0, rate=8000), 8000, subtype="PCM_16"),
         {},
         413,
-        "audio is 5.0 s; this server accepts up to 4 s",
+        "audio is 5.0 s, over the limit of 4 s",
         id="too-long",
     ),
     pytest.param(
