@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # Synthesise the demo corpus, train on it with Ray Train (2 workers), register, list versions,
-# then animate a small catalog of speech clips with the champion (jobs/animate.yaml).
+# then animate a small catalog of speech clips with the champion (jobs/animate.yaml) and render
+# a preview video of one of them.
 # Each demo is a fresh run: the previous one's Ray Train state would make the job a finished one.
 demo: setup
 	$(BIN)/mmtalker data synth --out $(WORK)/datasets/demo --overwrite
@@ -31,6 +32,9 @@ demo: setup
 	$(BIN)/mmtalker models list
 	$(BIN)/mmtalker data clips --out $(WORK)/catalogs/demo --count 12
 	$(BIN)/mmtalker run jobs/animate.yaml
+	$(BIN)/mmtalker render $(WORK)/animations/demo/clip_00000.npz \
+		--audio $(WORK)/catalogs/demo/clip_00000.wav -o $(WORK)/previews/demo.mp4 \
+		--still $(WORK)/previews/demo.png
 
 # One thread per test process: the suite is many small ops, and on 2 cores torch's default
 # thread pool stalled under any other load (23 min instead of under 3).
@@ -52,6 +56,7 @@ bench: setup
 	$(BIN)/python bench/accuracy.py
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/batch_throughput.py
+	$(BIN)/python bench/render.py
 
 clean:
 	rm -rf $(WORK) .pytest_cache .ruff_cache

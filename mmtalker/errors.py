@@ -29,5 +29,13 @@ class AudioTooLongError(AudioError):
     """Audio is longer than the caller accepts."""
 
 
+class RenderError(MMTalkerError, ValueError):
+    """A mesh, colour array, image or render setting cannot be rendered as given."""
+
+
+class VideoError(MMTalkerError):
+    """A video cannot be written or read: bad frames or audio, or ffmpeg failed."""
+
+
 class ExportError(MMTalkerError, ValueError):
     """An animation cannot be exported or read back: bad shape, values, format or file."""

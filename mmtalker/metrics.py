@@ -265,3 +265,19 @@ def evaluate_sequences(
     for pred, gt, template in pairs:
         acc.add(pred, gt, template)
     return acc.result()
+
+
+#: How the published tables print each metric (vertices in metres): (label, factor).
+REPORTED = {
+    "lve": ("LVE x1e-5", 1e5),
+    "lve_l2": ("LVE-L2 mm", 1e3),
+    "eve": ("EVE x1e-5", 1e5),
+    "mve": ("MVE mm", 1e3),
+    "fdd": ("FDD x1e-7", 1e7),
+    "fdd_abs": ("|FDD| x1e-7", 1e7),
+}
+
+
+def format_scores(scores: dict[str, float]) -> str:
+    """Scores as the field's tables print them: ``LVE x1e-5 3.141  LVE-L2 mm 1.234 ...``."""
+    return "  ".join(f"{label} {scores[k] * factor:.3f}" for k, (label, factor) in REPORTED.items())

@@ -14,24 +14,10 @@ import typer
 import yaml
 
 from mmtalker.errors import MMTalkerError
+from mmtalker.metrics import REPORTED, format_scores
 
 if TYPE_CHECKING:
     from mmtalker.checkpoint import Checkpoint
-
-#: How the published tables print each metric (vertices in metres): (label, factor).
-REPORTED = {
-    "lve": ("LVE x1e-5", 1e5),
-    "lve_l2": ("LVE-L2 mm", 1e3),
-    "eve": ("EVE x1e-5", 1e5),
-    "mve": ("MVE mm", 1e3),
-    "fdd": ("FDD x1e-7", 1e7),
-    "fdd_abs": ("|FDD| x1e-7", 1e7),
-}
-
-
-def format_scores(scores: dict[str, float]) -> str:
-    """Scores as the field's tables print them: ``LVE x1e-5 3.141  LVE-L2 mm 1.234 ...``."""
-    return "  ".join(f"{label} {scores[k] * factor:.3f}" for k, (label, factor) in REPORTED.items())
 
 
 def _read_config(path: Path | None) -> dict[str, Any]:
@@ -117,6 +103,11 @@ def evaluate_command(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the table as JSON.")
     ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(help="Also write an HTML report: heatmaps, per speaker, preview videos."),
+    ] = None,
+    previews: Annotated[int, typer.Option(help="Preview videos per model in the report.")] = 1,
 ) -> None:
     """Score checkpoints (and baselines) on a split: LVE, EVE, MVE, FDD side by side."""
     from mmtalker.checkpoint import build_model, load_checkpoint
@@ -140,9 +131,16 @@ def evaluate_command(
         models.append((f"{loaded.model.kind} ({folder.name})", loaded.model))
     if not models:
         raise MMTalkerError("nothing to evaluate: give --checkpoint DIR and/or --baselines")
-    rows = {}
-    for name, network in models:
-        rows[name] = evaluate(network, dataset.sequences(split), dataset.templates).as_dict()
+    if report is not None:
+        from mmtalker.report import write_report
+
+        results = write_report(dataset, dict(models), report, split=split, previews=previews)
+        rows = {result.name: result.scores for result in results}
+    else:
+        rows = {
+            name: evaluate(network, dataset.sequences(split), dataset.templates).as_dict()
+            for name, network in models
+        }
     width = max(len(n) for n in rows) + 2
     speakers = ", ".join(dataset.manifest.splits[split].speakers)
     typer.echo(f"{split} split of {data} (speakers {speakers}); vertices in metres")
@@ -153,6 +151,8 @@ def evaluate_command(
         )
     if json_out is not None:
         json_out.write_text(json.dumps(rows, indent=2))
+    if report is not None:
+        typer.echo(f"report: {report} (images and videos in {report.stem}_files/)")
 
 
 def animate_file(

@@ -217,11 +217,21 @@ def evaluate(
     device: torch.device | str = "cpu",
 ) -> Metrics:
     """Score a model on sequences (whole utterances) with LVE, EVE, MVE and FDD."""
+    acc = MetricAccumulator(*(model.topology.region(r) for r in ("lips", "eyes", "upper_face")))
+    for seq, template, predicted in predictions(model, sequences, templates, device):
+        acc.add(predicted, seq.vertices, template)
+    return acc.result()
+
+
+@torch.no_grad()
+def predictions(
+    model: AnimationModel,
+    sequences: Iterable[Sequence],
+    templates: dict[str, np.ndarray],
+    device: torch.device | str = "cpu",
+) -> Iterator[tuple[Sequence, np.ndarray, np.ndarray]]:
+    """(sequence, its speaker's template, predicted vertices (T, V, 3)) for each sequence."""
     model.eval()
-    topology = model.topology
-    acc = MetricAccumulator(
-        topology.region("lips"), topology.region("eyes"), topology.region("upper_face")
-    )
     index = {name: i for i, name in enumerate(model.speakers)}
     for seq in sequences:
         template = templates[seq.speaker]
@@ -229,8 +239,7 @@ def evaluate(
         tmpl = torch.tensor(template, device=device)[None]
         speaker = torch.tensor([index.get(seq.speaker, -1)], device=device)
         disp = model.predict(audio, seq.num_frames, tmpl, speaker)[0].float().cpu().numpy()
-        acc.add(template[None] + disp, seq.vertices, template)
-    return acc.result()
+        yield seq, template, template[None] + disp
 
 
 def fit(

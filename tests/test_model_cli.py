@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import yaml
+from PIL import Image
 
 from mmtalker.data.shards import open_dataset
 from mmtalker.export import from_glb
+from mmtalker.video import probe_video
 
 MMTALKER = str(Path(sys.executable).with_name("mmtalker"))
 SMALL = {
@@ -80,6 +82,8 @@ def test_animate_writes_a_mesh_sequence(tiny_corpus: str, checkpoint: Path, tmp_
         (("animate", "--catalog", "/no/audio"), "--catalog needs --output"),
         (("animate", "x.wav", "--out", "x", "--formats", "fbx"), "--formats ['fbx'] unknown"),
         (("evaluate", "--data", "/no/data"), "dataset not found"),
+        (("render", "-o", "x.mp4"), "give an ANIMATION .npz"),
+        (("render", "--compare", "--data", "d", "-o", "x.mp4"), "--compare takes --data and"),
         (("train", "--data", "/no/data", "--out", "x", "--model", "static"), "--model"),
     ],
 )
@@ -97,3 +101,59 @@ def test_unreadable_audio(checkpoint: Path, tmp_path: Path) -> None:
         "animate", str(bad), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o.npz")
     )
     assert result.returncode == 1 and "cannot read audio" in result.stderr
+
+
+def test_evaluate_writes_an_html_report(tiny_corpus: str, checkpoint: Path, tmp_path: Path) -> None:
+    report = tmp_path / "report.html"
+    result = _run(
+        "evaluate", "--data", tiny_corpus, "--checkpoint", str(checkpoint), "--baselines",
+        "--report", str(report),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    page = report.read_text()
+    assert all(text in page for text in ("LVE x1e-5", "static template", "Per speaker", "<video"))
+    files = tmp_path / "report_files"
+    assert (files / "static_template_heatmap.png").is_file()
+    sequence = next(open_dataset(tiny_corpus).sequences("test"))
+    video = probe_video(next(files.glob("mmtalker*.mp4")))
+    assert video.frames == sequence.num_frames and video.has_audio and video.width == 3 * 512
+
+
+def test_render_an_animation_with_its_audio(
+    tiny_corpus: str, checkpoint: Path, tmp_path: Path
+) -> None:
+    seq = next(open_dataset(tiny_corpus).sequences("test"))
+    wav = tmp_path / "speech.wav"
+    sf.write(wav, seq.audio, 16000)
+    assert _run("animate", str(wav), "--checkpoint", str(checkpoint), "--out",
+                str(tmp_path / "anim.npz")).returncode == 0  # fmt: skip
+    preview, still = tmp_path / "preview.mp4", tmp_path / "still.png"
+    result = _run(
+        "render", str(tmp_path / "anim.npz"), "--audio", str(wav), "-o", str(preview),
+        "--width", "160", "--height", "192", "--still", str(still),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    info = probe_video(preview)
+    assert (info.frames, info.width, info.height, info.has_audio) == (
+        seq.num_frames,
+        160,
+        192,
+        True,
+    )
+    with Image.open(still) as image:
+        assert image.size == (160, 192)
+
+
+def test_render_compares_a_model_with_the_ground_truth(
+    tiny_corpus: str, checkpoint: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "compare.mp4"
+    result = _run(
+        "render", "--compare", "--data", tiny_corpus, "--checkpoint", str(checkpoint),
+        "-o", str(out), "--width", "96", "--height", "128",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    info = probe_video(out)
+    first = next(open_dataset(tiny_corpus).sequences("test"))
+    assert (info.frames, info.width, info.height) == (first.num_frames, 3 * 96, 128)
+    assert info.has_audio and first.sequence_id in result.stdout

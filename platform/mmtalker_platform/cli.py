@@ -8,6 +8,7 @@ import typer
 
 from mmtalker.cli import data_app, run
 from mmtalker.model_cli import evaluate_command, train
+from mmtalker.render_cli import render_command
 from mmtalker_platform.animate_cli import animate_command
 from mmtalker_platform.jobs_cli import run_command, submit_command
 from mmtalker_platform.models_cli import models_app
@@ -22,6 +23,7 @@ app.add_typer(data_app, name="data")
 app.command("train")(train)
 app.command("evaluate")(evaluate_command)
 app.command("animate")(animate_command)
+app.command("render")(render_command)
 app.add_typer(models_app, name="models")
 app.command("run")(run_command)
 app.command("submit")(submit_command)

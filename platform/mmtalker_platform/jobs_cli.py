@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mmtalker.model_cli import format_scores
+from mmtalker.metrics import format_scores
 
 
 def run_command(

@@ -24,11 +24,12 @@ import yaml
 from pydantic import BaseModel
 
 from mmtalker import storage
-from mmtalker.checkpoint import load_checkpoint, save_checkpoint
+from mmtalker.checkpoint import build_model, load_checkpoint, save_checkpoint
 from mmtalker.data.batch import collate
 from mmtalker.data.shards import Dataset, open_dataset
 from mmtalker.errors import MMTalkerError
 from mmtalker.nn.base import AnimationModel
+from mmtalker.report import write_report
 from mmtalker.storage import S3Settings
 from mmtalker.training import Trainer, evaluate, model_for_dataset, training_templates
 from mmtalker_platform import registry, tracking
@@ -240,7 +241,7 @@ def run_training(spec: TrainJobSpec, settings: PlatformSettings | None = None) -
     with result.checkpoint.as_directory() as directory:
         model_dir = Path(directory) / MODEL_DIR
         model = load_checkpoint(model_dir).model
-        test = _test_metrics(model, dataset)
+        test = _test_report(model, dataset, tracking_uri, run_id)
         tracking.log_metrics(tracking_uri, run_id, test, step=spec.train.epochs)
         version = registry.register(
             tracking_uri, run_id, model_dir, spec.mlflow.registered_model,
@@ -256,6 +257,16 @@ def run_training(spec: TrainJobSpec, settings: PlatformSettings | None = None) -
     )
 
 
-def _test_metrics(model: AnimationModel, dataset: Dataset) -> dict[str, float]:
-    scores = evaluate(model, dataset.sequences("test"), dataset.templates)
-    return {f"test_{k}": float(v) for k, v in scores.as_dict().items()}
+def _test_report(
+    model: AnimationModel, dataset: Dataset, tracking_uri: str, run_id: str
+) -> dict[str, float]:
+    """Test metrics of the trained model; its evaluation report (beside the static baseline)
+    goes to the run's artifacts under ``report/``."""
+    baseline = build_model("static", {}, dataset.topology, dataset.templates)
+    with tempfile.TemporaryDirectory() as directory:
+        results = write_report(
+            dataset, {model.kind: model, "static template": baseline},
+            Path(directory) / "report.html",
+        )  # fmt: skip
+        tracking.log_artifacts(tracking_uri, run_id, directory, "report")
+    return {f"test_{k}": float(v) for k, v in results[0].scores.items()}

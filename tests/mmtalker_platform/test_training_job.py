@@ -56,6 +56,14 @@ def test_two_workers_train_track_and_register(
     history = client.get_metric_history(outcome.run_id, "val_lve")
     assert [m.step for m in history] == [1, 2]
     assert "test_lve" in run.data.metrics
+    # The test evaluation's report, beside the static baseline, is part of the run.
+    report = {a.path for a in client.list_artifacts(outcome.run_id, "report")}
+    assert report == {"report/report.html", "report/report_files"}
+    files = {
+        a.path.rsplit("/", 1)[1]
+        for a in client.list_artifacts(outcome.run_id, "report/report_files")
+    }
+    assert "mmtalker_heatmap.png" in files and any(f.endswith(".mp4") for f in files)
     # Re-running the finished job under its name resumes from its last checkpoint, where no
     # epoch is left: nothing is trained and no duplicate version is registered.
     with pytest.raises(TrainingError, match="already trained all 2 epochs"):
