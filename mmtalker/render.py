@@ -4,7 +4,7 @@ No OpenGL and no display: numpy rasterizes every triangle of a frame at once. Tr
 into one span per pixel row (where the row's centre line crosses their edges), spans into pixels
 with ``np.repeat``; depth and colour advance along a span by a constant step, and
 ``np.minimum.at`` resolves the z-buffer. No Python loop runs per triangle or per pixel: a
-3k-vertex face renders at about 40 frames/s at 512×512 on one core (``bench/render.py``).
+3k-vertex face renders at about 80 frames/s at 512×512 on one core (``bench/render.py``).
 Vertex positions are in metres, colours RGB 0–255.
 """
 
