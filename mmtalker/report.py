@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import torch
@@ -155,6 +156,7 @@ def _html(
     folder: str,
 ) -> str:
     e = html.escape
+    folder = e(quote(folder))
     labels = "".join(f"<th>{e(label)}</th>" for label, _ in REPORTED.values())
 
     def cells(scores: dict[str, float]) -> str:

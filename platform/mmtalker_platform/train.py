@@ -240,13 +240,17 @@ def run_training(spec: TrainJobSpec, settings: PlatformSettings | None = None) -
         )
     with result.checkpoint.as_directory() as directory:
         model_dir = Path(directory) / MODEL_DIR
-        model = load_checkpoint(model_dir).model
-        test = _test_report(model, dataset, tracking_uri, run_id)
-        tracking.log_metrics(tracking_uri, run_id, test, step=spec.train.epochs)
-        version = registry.register(
-            tracking_uri, run_id, model_dir, spec.mlflow.registered_model,
-            {k.removeprefix("test_"): v for k, v in test.items()},
-        )  # fmt: skip
+        try:
+            model = load_checkpoint(model_dir).model
+            test = _test_report(model, dataset, tracking_uri, run_id)
+            tracking.log_metrics(tracking_uri, run_id, test, step=spec.train.epochs)
+            version = registry.register(
+                tracking_uri, run_id, model_dir, spec.mlflow.registered_model,
+                {k.removeprefix("test_"): v for k, v in test.items()},
+            )  # fmt: skip
+        except Exception as exc:  # the run must not stay RUNNING: mark it, then report
+            tracking.finish_run(tracking_uri, run_id, "FAILED")
+            raise TrainingError(f"testing or registering job {spec.name!r} failed: {exc}") from exc
     tracking.finish_run(tracking_uri, run_id, "FINISHED")
     return TrainingOutcome(
         run_id=run_id,

@@ -138,7 +138,12 @@ def test_the_tracking_uri_names_the_mlflow_service(render: Render) -> None:
     docs = render(K8S / "overlays" / "cpu")
     uri = _find(docs, "ConfigMap", "mmtalker-env")["data"]["MLFLOW_TRACKING_URI"]
     service = _find(docs, "Service", "mlflow")
-    assert uri == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    host = f"{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    assert uri == f"http://{host}"
+    # MLflow 3 refuses requests whose Host header it does not allow (403), /health excepted.
+    env = _find(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]["env"]
+    allowed = next(e["value"] for e in env if e["name"] == "MLFLOW_SERVER_ALLOWED_HOSTS")
+    assert host in allowed.split(",") and "localhost:*" in allowed.split(",")
 
 
 def test_every_referenced_secret_is_documented(render: Render) -> None:
