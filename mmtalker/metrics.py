@@ -35,9 +35,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from mmtalker.data.sequence import Topology
 
 __all__ = [
     "MetricAccumulator",
@@ -218,6 +221,11 @@ class MetricAccumulator:
     _eye_sq: list[np.ndarray] = field(default_factory=list, init=False, repr=False)
     _mve: list[np.ndarray] = field(default_factory=list, init=False, repr=False)
     _fdd: list[float] = field(default_factory=list, init=False, repr=False)
+
+    @classmethod
+    def for_topology(cls, topology: Topology) -> MetricAccumulator:
+        """An accumulator on the topology's lips, eyes and upper-face regions."""
+        return cls(topology.region("lips"), topology.region("eyes"), topology.region("upper_face"))
 
     def __post_init__(self) -> None:
         # Emptiness and dtype are checked now; the index range needs V, known at the first add.

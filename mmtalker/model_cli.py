@@ -18,6 +18,7 @@ from mmtalker.metrics import REPORTED, format_scores
 
 if TYPE_CHECKING:
     from mmtalker.checkpoint import Checkpoint
+    from mmtalker.data.shards import Dataset
 
 
 def _read_config(path: Path | None) -> dict[str, Any]:
@@ -110,7 +111,7 @@ def evaluate_command(
     previews: Annotated[int, typer.Option(help="Preview videos per model in the report.")] = 1,
 ) -> None:
     """Score checkpoints (and baselines) on a split: LVE, EVE, MVE, FDD side by side."""
-    from mmtalker.checkpoint import build_model, load_checkpoint
+    from mmtalker.checkpoint import build_model
     from mmtalker.data.shards import open_dataset
     from mmtalker.training import evaluate
 
@@ -125,9 +126,7 @@ def evaluate_command(
             ("static template", build_model("static", {}, dataset.topology, dataset.templates))
         )
     for folder in checkpoint or []:
-        loaded = load_checkpoint(folder)
-        if loaded.topology.id != dataset.topology.id:
-            raise MMTalkerError(f"{folder} was trained on another topology than {data}")
+        loaded = load_for_dataset(folder, dataset)
         models.append((f"{loaded.model.kind} ({folder.name})", loaded.model))
     if not models:
         raise MMTalkerError("nothing to evaluate: give --checkpoint DIR and/or --baselines")
@@ -153,6 +152,16 @@ def evaluate_command(
         json_out.write_text(json.dumps(rows, indent=2))
     if report is not None:
         typer.echo(f"report: {report} (images and videos in {report.stem}_files/)")
+
+
+def load_for_dataset(folder: Path, dataset: Dataset) -> Checkpoint:
+    """A checkpoint, refused unless it was trained on the dataset's topology."""
+    from mmtalker.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(folder)
+    if loaded.topology.id != dataset.topology.id:
+        raise MMTalkerError(f"{folder} was trained on another topology than {dataset.uri}")
+    return loaded
 
 
 def animate_file(

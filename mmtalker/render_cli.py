@@ -90,23 +90,18 @@ def _compare(
     config: RenderConfig,
     still: Path | None,
 ) -> int:
-    from mmtalker.checkpoint import load_checkpoint
     from mmtalker.data.shards import open_dataset
+    from mmtalker.model_cli import load_for_dataset
     from mmtalker.render import comparison_still, save_png
     from mmtalker.training import predictions
     from mmtalker.video import write_comparison
 
     dataset = open_dataset(data)
-    if split not in dataset.manifest.splits:
-        raise MMTalkerError(
-            f"{data} has no split {split!r}; it has {sorted(dataset.manifest.splits)}"
-        )
+    # Dataset.sequences refuses an unknown split.
     chosen = next((s for s in dataset.sequences(split) if sequence in (None, s.sequence_id)), None)
     if chosen is None:
         raise MMTalkerError(f"no sequence {sequence!r} in the {split} split of {data}")
-    loaded = load_checkpoint(checkpoint)
-    if loaded.topology.id != dataset.topology.id:
-        raise MMTalkerError(f"{checkpoint} was trained on another topology than {data}")
+    loaded = load_for_dataset(checkpoint, dataset)
     _, _, predicted = next(predictions(loaded.model, [chosen], dataset.templates))
     truth, faces = chosen.vertices, dataset.topology.faces
     frames = write_comparison(

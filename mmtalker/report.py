@@ -18,7 +18,7 @@ from urllib.parse import quote
 import numpy as np
 import torch
 
-from mmtalker.data.sequence import Sequence, Topology
+from mmtalker.data.sequence import REQUIRED_REGIONS, Sequence, Topology
 from mmtalker.data.shards import Dataset
 from mmtalker.errors import MMTalkerError
 from mmtalker.metrics import REPORTED, MetricAccumulator
@@ -26,8 +26,6 @@ from mmtalker.nn.base import AnimationModel
 from mmtalker.render import RenderConfig, Renderer, comparison_still, error_colors, save_png
 from mmtalker.training import predictions
 from mmtalker.video import write_comparison
-
-REGIONS = ("lips", "eyes", "upper_face", "face")
 
 
 @dataclass
@@ -54,16 +52,12 @@ def write_report(
     progress: Callable[[str], None] | None = None,
 ) -> list[ModelResult]:
     """Evaluate ``models`` on ``split``, write the HTML report to ``out``; return the results."""
-    if split not in dataset.manifest.splits:
-        raise MMTalkerError(
-            f"{dataset.uri} has no split {split!r}; it has {sorted(dataset.manifest.splits)}"
-        )
     if not models:
         raise MMTalkerError("a report needs at least one model")
     out = Path(out)
     files = out.with_name(f"{out.stem}_files")
     files.mkdir(parents=True, exist_ok=True)
-    sequences = list(dataset.sequences(split))
+    sequences = list(dataset.sequences(split))  # refuses an unknown split
     results = []
     for name, model in models.items():
         if progress is not None:
@@ -78,7 +72,7 @@ def write_report(
     for result in results:
         image = renderer.render(neutral, error_colors(result.vertex_error, vmax))
         heatmaps.append(save_png(image, files / f"{_slug(result.name)}_heatmap.png").name)
-    regions = {r: topology.region(r) for r in REGIONS if r in topology.regions}
+    regions = {r: topology.region(r) for r in REQUIRED_REGIONS}
     out.write_text(
         _html(dataset, split, len(sequences), results, heatmaps, regions, vmax, files.name),
         encoding="utf-8",
@@ -97,8 +91,7 @@ def _evaluate(
     device: str | torch.device,
 ) -> ModelResult:
     topology = dataset.topology
-    regions = [topology.region(r) for r in ("lips", "eyes", "upper_face")]
-    overall = MetricAccumulator(*regions)
+    overall = MetricAccumulator.for_topology(topology)
     by_speaker: dict[str, MetricAccumulator] = {}
     error_sum = np.zeros(topology.num_vertices)
     frames = 0
@@ -107,7 +100,7 @@ def _evaluate(
         predictions(model, sequences, dataset.templates, device)
     ):
         overall.add(predicted, seq.vertices, template)
-        by_speaker.setdefault(seq.speaker, MetricAccumulator(*regions)).add(
+        by_speaker.setdefault(seq.speaker, MetricAccumulator.for_topology(topology)).add(
             predicted, seq.vertices, template
         )
         error = np.linalg.norm(predicted - seq.vertices, axis=-1)

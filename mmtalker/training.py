@@ -217,7 +217,7 @@ def evaluate(
     device: torch.device | str = "cpu",
 ) -> Metrics:
     """Score a model on sequences (whole utterances) with LVE, EVE, MVE and FDD."""
-    acc = MetricAccumulator(*(model.topology.region(r) for r in ("lips", "eyes", "upper_face")))
+    acc = MetricAccumulator.for_topology(model.topology)
     for seq, template, predicted in predictions(model, sequences, templates, device):
         acc.add(predicted, seq.vertices, template)
     return acc.result()

@@ -101,7 +101,7 @@ def run_animation(
     check_output_outside(spec.catalog, spec.output, s3)
     items = list_catalog(spec.catalog, s3)
     connect(settings)
-    dataset = _pipeline(spec, items, source, checkpoint, s3)
+    dataset = _pipeline(spec, items, source, checkpoint.sample_rate, s3)
     results: dict[int, ItemResult] = {}
     failure: BaseException | None = None
     last_write = 0.0
@@ -202,7 +202,7 @@ def _pipeline(
     spec: AnimateJobSpec,
     items: list[CatalogItem],
     source: ModelSource,
-    checkpoint: Checkpoint,
+    sample_rate: int,
     s3: S3Settings,
 ) -> ray.data.Dataset:
     formats = sorted({"npz", *spec.formats})
@@ -219,7 +219,7 @@ def _pipeline(
             "model_id": source.model_id,
             "formats": formats,
             "overwrite": spec.overwrite,
-            "sample_rate": checkpoint.sample_rate,
+            "sample_rate": sample_rate,
             "max_seconds": spec.max_seconds,
             "s3": s3,
         },
