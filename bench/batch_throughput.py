@@ -52,8 +52,8 @@ from mmtalker.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from mmtalker.data.clips import CONTAINERS, write_speech_clips
 from mmtalker.data.shards import MANIFEST, open_dataset
 from mmtalker.data.synth import SynthConfig, synthesize_corpus
-from mmtalker.export import write_outputs
 from mmtalker.inference import Clip, animate, animate_clips, decode_audio, prepare_audio
+from mmtalker.io.export import write_outputs
 from mmtalker.training import model_for_dataset, training_templates
 from mmtalker_platform.batch import run_animation
 from mmtalker_platform.cluster import connect

@@ -34,8 +34,8 @@ import numpy as np
 from mmtalker.data import motion
 from mmtalker.data.face import FaceShape, make_chart, warp
 from mmtalker.data.sequence import Topology
-from mmtalker.render import RenderConfig, Renderer
-from mmtalker.video import write_animation, write_comparison
+from mmtalker.io.render import RenderConfig, Renderer
+from mmtalker.io.video import write_animation, write_comparison
 
 FPS, SAMPLE_RATE = 30.0, 16000
 

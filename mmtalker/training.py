@@ -24,9 +24,9 @@ from mmtalker.data.batch import Batch, collate
 from mmtalker.data.sequence import Sequence
 from mmtalker.data.shards import Dataset
 from mmtalker.errors import MMTalkerError
+from mmtalker.eval.metrics import MetricAccumulator, Metrics
 from mmtalker.geometry.uv import attach_uv
 from mmtalker.losses import LossConfig
-from mmtalker.metrics import MetricAccumulator, Metrics
 from mmtalker.nn.base import AnimationModel
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from mmtalker.errors import MMTalkerError
-from mmtalker.export import FORMATS
+from mmtalker.io.export import FORMATS
 
 if TYPE_CHECKING:
     # Imported where used: the spec pulls in torch and torch-geometric (~8 s), which every
@@ -122,7 +122,7 @@ def _animate_one(
     gpu: bool | None,
 ) -> None:
     from mmtalker.checkpoint import load_checkpoint
-    from mmtalker.model_cli import animate_file
+    from mmtalker.cli.model import animate_file
 
     if (model is None) == (checkpoint is None):
         raise MMTalkerError("give --model NAME@ALIAS or --checkpoint DIR (one of them)")

@@ -31,8 +31,8 @@ from pydantic import BaseModel, ValidationError
 from mmtalker import storage
 from mmtalker.checkpoint import Checkpoint
 from mmtalker.errors import MMTalkerError
-from mmtalker.export import write_outputs
 from mmtalker.inference import Clip, animate_clips, decode_audio, prepare_audio
+from mmtalker.io.export import write_outputs
 from mmtalker.storage import S3Settings
 from mmtalker_platform.catalog import CatalogItem, check_output_outside, list_catalog
 from mmtalker_platform.cluster import connect

@@ -6,9 +6,9 @@ import sys
 
 import typer
 
-from mmtalker.cli import data_app, run
-from mmtalker.model_cli import evaluate_command, train
-from mmtalker.render_cli import render_command
+from mmtalker.cli.data import data_app, run
+from mmtalker.cli.model import evaluate_command, train
+from mmtalker.cli.render import render_command
 from mmtalker_platform.animate_cli import animate_command
 from mmtalker_platform.jobs_cli import run_command, submit_command
 from mmtalker_platform.models_cli import models_app

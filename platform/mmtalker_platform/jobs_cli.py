@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mmtalker.metrics import format_scores
+from mmtalker.eval.metrics import format_scores
 
 
 def run_command(

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from mmtalker.metrics import REPORTED
+from mmtalker.eval.metrics import REPORTED
 
 if TYPE_CHECKING:
     from mmtalker_platform.registry import ModelVersionInfo

@@ -32,8 +32,8 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from mmtalker.errors import AudioError, AudioTooLongError, MMTalkerError
-from mmtalker.export import npz_bytes, to_glb
 from mmtalker.inference import Clip, decode_audio, prepare_audio
+from mmtalker.io.export import npz_bytes, to_glb
 from mmtalker_platform.batch import animate_isolated, read_progress
 from mmtalker_platform.model_source import resolve_model
 from mmtalker_platform.settings import PlatformSettings

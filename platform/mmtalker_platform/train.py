@@ -28,8 +28,8 @@ from mmtalker.checkpoint import build_model, load_checkpoint, save_checkpoint
 from mmtalker.data.batch import collate
 from mmtalker.data.shards import Dataset, open_dataset
 from mmtalker.errors import MMTalkerError
+from mmtalker.eval.report import write_report
 from mmtalker.nn.base import AnimationModel
-from mmtalker.report import write_report
 from mmtalker.storage import S3Settings
 from mmtalker.training import Trainer, evaluate, model_for_dataset, training_templates
 from mmtalker_platform import registry, tracking

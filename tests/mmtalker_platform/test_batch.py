@@ -24,7 +24,7 @@ import torch
 from mmtalker import storage
 from mmtalker.checkpoint import save_checkpoint
 from mmtalker.data.clips import write_speech_clips
-from mmtalker.export import from_glb, read_npz
+from mmtalker.io.export import from_glb, read_npz
 from mmtalker.nn.mmtalker import MMTalker
 from mmtalker.storage import S3Settings
 from mmtalker_platform import registry

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from mmtalker.cli import run
+from mmtalker.cli.data import run
 from mmtalker_platform import registry
 from mmtalker_platform.cli import app
 from mmtalker_platform.tracking import prepare_tracking, start_or_resume_run

@@ -23,8 +23,8 @@ from ray.serve.schema import ServeDeploySchema
 
 from mmtalker.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from mmtalker.data.sequence import Topology
-from mmtalker.export import from_glb, read_npz
 from mmtalker.inference import animate
+from mmtalker.io.export import from_glb, read_npz
 from mmtalker.nn.mmtalker import MMTalker, MMTalkerConfig
 from mmtalker_platform.serve import JobRequest, ServeConfig, build_app, check_job_locations
 from mmtalker_platform.serve_cli import APP_NAME, read_serve_config

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from mmtalker.cli import run
+from mmtalker.cli.data import run
 from mmtalker_platform.cli import app
 from mmtalker_platform.jobs import JobError, submit
 from mmtalker_platform.spec import AnimateJobSpec, SpecError, TrainJobSpec, load_spec

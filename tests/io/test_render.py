@@ -12,7 +12,7 @@ from mmtalker.data import motion
 from mmtalker.data.face import FaceShape, make_chart, warp
 from mmtalker.data.sequence import REQUIRED_REGIONS, Topology
 from mmtalker.errors import MMTalkerError, RenderError
-from mmtalker.render import (
+from mmtalker.io.render import (
     RenderConfig,
     Renderer,
     comparison_frames,

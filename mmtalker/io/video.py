@@ -24,7 +24,7 @@ import numpy as np
 import soundfile
 
 from mmtalker.errors import VideoError
-from mmtalker.render import RenderConfig, Renderer, comparison_frames
+from mmtalker.io.render import RenderConfig, Renderer, comparison_frames
 
 #: A sound file ffmpeg can read, or mono/multichannel samples with their rate in Hz.
 Audio = str | Path | tuple[np.ndarray, int]
@@ -152,7 +152,7 @@ def write_comparison(
 ) -> int:
     """An MP4 of ground truth | prediction | error heatmap, all framed on the truth's frame 0.
 
-    See :func:`mmtalker.render.comparison_frames` for the error and its colour scale.
+    See :func:`mmtalker.io.render.comparison_frames` for the error and its colour scale.
     """
     truth = np.asarray(truth, dtype=np.float32)
     if truth.ndim != 3 or len(truth) == 0:

@@ -11,8 +11,8 @@ import yaml
 from PIL import Image
 
 from mmtalker.data.shards import open_dataset
-from mmtalker.export import from_glb
-from mmtalker.video import probe_video
+from mmtalker.io.export import from_glb
+from mmtalker.io.video import probe_video
 
 MMTALKER = str(Path(sys.executable).with_name("mmtalker"))
 SMALL = {

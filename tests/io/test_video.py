@@ -13,8 +13,8 @@ import soundfile
 from mmtalker.data import motion
 from mmtalker.data.face import FaceShape, FaceTemplate, make_chart, warp
 from mmtalker.errors import MMTalkerError, VideoError
-from mmtalker.render import RenderConfig, Renderer
-from mmtalker.video import (
+from mmtalker.io.render import RenderConfig, Renderer
+from mmtalker.io.video import (
     probe_video,
     write_animation,
     write_comparison,

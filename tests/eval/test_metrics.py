@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from mmtalker.metrics import (
+from mmtalker.eval.metrics import (
     MetricAccumulator,
     Metrics,
     evaluate_sequences,

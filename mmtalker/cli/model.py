@@ -14,7 +14,7 @@ import typer
 import yaml
 
 from mmtalker.errors import MMTalkerError
-from mmtalker.metrics import REPORTED, format_scores
+from mmtalker.eval.metrics import REPORTED, format_scores
 
 if TYPE_CHECKING:
     from mmtalker.checkpoint import Checkpoint
@@ -131,7 +131,7 @@ def evaluate_command(
     if not models:
         raise MMTalkerError("nothing to evaluate: give --checkpoint DIR and/or --baselines")
     if report is not None:
-        from mmtalker.report import write_report
+        from mmtalker.eval.report import write_report
 
         results = write_report(dataset, dict(models), report, split=split, previews=previews)
         rows = {result.name: result.scores for result in results}
@@ -175,8 +175,8 @@ def animate_file(
     device: str = "cpu",
 ) -> str:
     """Animate one audio file; write ``OUT.npz`` (+ ``.glb``, ``_obj/``); return a summary line."""
-    from mmtalker.export import write_outputs
     from mmtalker.inference import animate, load_audio
+    from mmtalker.io.export import write_outputs
 
     template, index = checkpoint.face(speaker)
     samples, rate = load_audio(audio)

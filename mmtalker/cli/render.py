@@ -11,7 +11,7 @@ import typer
 from mmtalker.errors import MMTalkerError
 
 if TYPE_CHECKING:
-    from mmtalker.render import RenderConfig
+    from mmtalker.io.render import RenderConfig
 
 
 def render_command(
@@ -47,7 +47,7 @@ def render_command(
     ] = None,
 ) -> None:
     """Render a preview MP4 (H.264, with the audio) on the CPU: no GPU or display needed."""
-    from mmtalker.render import RenderConfig
+    from mmtalker.io.render import RenderConfig
 
     config = RenderConfig(width=width, height=height, yaw=yaw, pitch=pitch, shading=shading)
     started = time.perf_counter()
@@ -69,9 +69,9 @@ def render_command(
 def _render(
     animation: Path, audio: Path | None, out: Path, config: RenderConfig, still: Path | None
 ) -> int:
-    from mmtalker.export import read_npz
-    from mmtalker.render import Renderer, save_png
-    from mmtalker.video import write_animation
+    from mmtalker.io.export import read_npz
+    from mmtalker.io.render import Renderer, save_png
+    from mmtalker.io.video import write_animation
 
     clip = read_npz(animation)
     frames = write_animation(clip.vertices, clip.faces, out, clip.fps, audio, config=config)
@@ -90,11 +90,11 @@ def _compare(
     config: RenderConfig,
     still: Path | None,
 ) -> int:
+    from mmtalker.cli.model import load_for_dataset
     from mmtalker.data.shards import open_dataset
-    from mmtalker.model_cli import load_for_dataset
-    from mmtalker.render import comparison_still, save_png
+    from mmtalker.io.render import comparison_still, save_png
+    from mmtalker.io.video import write_comparison
     from mmtalker.training import predictions
-    from mmtalker.video import write_comparison
 
     dataset = open_dataset(data)
     # Dataset.sequences refuses an unknown split.

@@ -21,11 +21,11 @@ import torch
 from mmtalker.data.sequence import REQUIRED_REGIONS, Sequence, Topology
 from mmtalker.data.shards import Dataset
 from mmtalker.errors import MMTalkerError
-from mmtalker.metrics import REPORTED, MetricAccumulator
+from mmtalker.eval.metrics import REPORTED, MetricAccumulator
+from mmtalker.io.render import RenderConfig, Renderer, comparison_still, error_colors, save_png
+from mmtalker.io.video import write_comparison
 from mmtalker.nn.base import AnimationModel
-from mmtalker.render import RenderConfig, Renderer, comparison_still, error_colors, save_png
 from mmtalker.training import predictions
-from mmtalker.video import write_comparison
 
 
 @dataclass

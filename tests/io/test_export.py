@@ -18,7 +18,7 @@ import trimesh
 from mmtalker import storage
 from mmtalker.data.face import FaceTemplate, make_template
 from mmtalker.errors import MMTalkerError
-from mmtalker.export import (
+from mmtalker.io.export import (
     ExportError,
     from_glb,
     read_npz,

@@ -1,0 +1,1 @@
+"""Evaluation: the field's metrics and the HTML report built on them."""
