@@ -16,6 +16,18 @@ reuse. FaceFormer released no scoring script; its paper's LVE (after MeshTalk) i
   motion over time (T, V_upper); its standard deviation over time (population, ``ddof=0``);
   mean over vertices. The sequence value is ``std_gt - std_pred`` (positive: prediction too
   still). The split FDD is the mean over sequences; ``fdd_abs`` the mean of ``|value|``.
+* **Lip sync** (``lip_sync``): how well the mouth opens and closes with the speech, as a person
+  judges it. Per frame the *mouth opening* is measured on the lip region alone, so it works on
+  any topology: the region's vertices are split at the median height (+y is up, the convention
+  of VOCASET, BIWI and our corpora) of the speaker's neutral lips into an upper and a lower half,
+  and the opening is the mean height of the upper half minus that of the lower half, relative to
+  the same on the neutral face (metres: 0 at rest, positive when the lips part, negative when
+  they press). ``lip_sync`` is the Pearson correlation of the predicted and the ground-truth
+  opening over all frames of the split, pooled like LVE (1 is perfect; NaN if either opening is
+  constant).
+* **Per-region error** (``mve_lips``, ``mve_eyes``, ``mve_upper_face``, ``mve_rest``): MVE's
+  formula (mean L2 distance) over the vertices of one region; ``rest`` is every vertex in none of
+  the lips, eyes and upper face.
 
 Units: errors are in the units of the input vertices, squared for LVE, EVE and FDD (FDD is a
 standard deviation of squared distances) and plain for ``lve_l2``, ``eve_l2`` and MVE. Nothing
@@ -49,6 +61,8 @@ __all__ = [
     "fdd_sequence",
     "lip_vertex_error_per_frame",
     "mean_vertex_error_per_frame",
+    "mouth_opening",
+    "pearson",
 ]
 
 
@@ -154,6 +168,33 @@ def mean_vertex_error_per_frame(pred: Any, gt: Any) -> Any:
     return dist.mean(-1)
 
 
+def mouth_opening(vertices: Any, template: Any, lips: Any) -> np.ndarray:
+    """Per-frame mouth opening (T,) on the lip region, relative to the neutral ``template``.
+
+    See the module docstring: upper minus lower half's mean height, halves split at the median
+    height of the neutral lips; constant 0 for lips without height spread. Vertices (T, V, 3),
+    template (V, 3), lips: vertex indices.
+    """
+    vertices, template = _as_numpy(vertices, "vertices"), _as_numpy(template, "template")
+    _check_vertices(vertices, "vertices")
+    idx = _check_region(lips, vertices.shape[1], "lip")
+    height = template[idx, 1]
+    upper = height > np.median(height)
+    if not upper.any():
+        # Flat lips have no upper and lower half: the opening is undefined, reported as constant
+        # (so ``lip_sync`` is NaN) rather than failing a whole evaluation.
+        return np.zeros(len(vertices))
+    y = vertices[:, idx, 1] - height
+    return y[:, upper].mean(axis=1) - y[:, ~upper].mean(axis=1)
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two equally long series; NaN when either is constant."""
+    a, b = a - a.mean(), b - b.mean()
+    norm = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / norm) if norm > 0 else float("nan")
+
+
 def _upper_motion_std(vertices: np.ndarray, template: np.ndarray, idx: np.ndarray) -> float:
     motion = vertices[:, idx] - template[idx]
     # CodeTalker takes the std of the *squared* displacement norm, not of the norm itself.
@@ -189,6 +230,11 @@ class Metrics:
     mve: float
     fdd: float
     fdd_abs: float
+    lip_sync: float
+    mve_lips: float
+    mve_eyes: float
+    mve_upper_face: float
+    mve_rest: float
     num_sequences: int
     num_frames: int
 
@@ -202,6 +248,11 @@ class Metrics:
             "mve": self.mve,
             "fdd": self.fdd,
             "fdd_abs": self.fdd_abs,
+            "lip_sync": self.lip_sync,
+            "mve_lips": self.mve_lips,
+            "mve_eyes": self.mve_eyes,
+            "mve_upper_face": self.mve_upper_face,
+            "mve_rest": self.mve_rest,
             "num_sequences": self.num_sequences,
             "num_frames": self.num_frames,
         }
@@ -219,7 +270,10 @@ class MetricAccumulator:
     upper: np.ndarray
     _lip_sq: list[np.ndarray] = field(default_factory=list, init=False, repr=False)
     _eye_sq: list[np.ndarray] = field(default_factory=list, init=False, repr=False)
-    _mve: list[np.ndarray] = field(default_factory=list, init=False, repr=False)
+    _region_error: dict[str, list[np.ndarray]] = field(default_factory=dict, init=False, repr=False)
+    _opening: list[tuple[np.ndarray, np.ndarray]] = field(
+        default_factory=list, init=False, repr=False
+    )
     _fdd: list[float] = field(default_factory=list, init=False, repr=False)
 
     @classmethod
@@ -232,6 +286,15 @@ class MetricAccumulator:
         for name in ("lips", "eyes", "upper"):
             setattr(self, name, _check_region(getattr(self, name), np.iinfo(np.int64).max, name))
 
+    def _regions(self, num_vertices: int) -> dict[str, np.ndarray]:
+        """Vertex sets of the per-region errors: all, lips, eyes, upper face and the rest."""
+        inside = np.zeros(num_vertices, bool)
+        inside[np.concatenate([self.lips, self.eyes, self.upper])] = True
+        return {
+            "all": np.arange(num_vertices), "lips": self.lips, "eyes": self.eyes,
+            "upper_face": self.upper, "rest": np.flatnonzero(~inside),
+        }  # fmt: skip
+
     def add(self, pred: Any, gt: Any, template: Any) -> None:
         """Score one sequence: (T, V, 3) prediction and ground truth, (V, 3) template."""
         pred, gt = _prepare_pair(_as_numpy(pred, "pred"), _as_numpy(gt, "gt"))
@@ -242,24 +305,42 @@ class MetricAccumulator:
         # Only the squared per-frame maxima are kept; the L2 variant is their square root.
         self._lip_sq.append(lip_vertex_error_per_frame(pred, gt, self.lips))
         self._eye_sq.append(lip_vertex_error_per_frame(pred, gt, self.eyes))
-        self._mve.append(mean_vertex_error_per_frame(pred, gt))
+        distance = np.sqrt(np.square(pred - gt).sum(axis=-1))
+        for name, idx in self._regions(num_vertices).items():
+            if len(idx):
+                self._region_error.setdefault(name, []).append(distance[:, idx].mean(axis=1))
+        self._opening.append(
+            (mouth_opening(pred, template, self.lips), mouth_opening(gt, template, self.lips))
+        )
         self._fdd.append(fdd)
 
     def result(self) -> Metrics:
-        """Pool the frames of all added sequences (LVE, EVE, MVE) and average FDD per sequence."""
+        """Pool the frames of all added sequences (LVE, EVE, MVE, lip sync) and average FDD per
+        sequence."""
         if not self._fdd:
             raise ValueError("no sequences were added; there is nothing to score")
         lip_sq = np.concatenate(self._lip_sq)
         eye_sq = np.concatenate(self._eye_sq)
         fdd = np.asarray(self._fdd)
+
+        def region(name: str) -> float:
+            parts = self._region_error.get(name)
+            return float(np.concatenate(parts).mean()) if parts else float("nan")
+
+        predicted, truth = (np.concatenate(side) for side in zip(*self._opening, strict=True))
         return Metrics(
             lve=float(lip_sq.mean()),
             lve_l2=float(np.sqrt(lip_sq).mean()),
             eve=float(eye_sq.mean()),
             eve_l2=float(np.sqrt(eye_sq).mean()),
-            mve=float(np.concatenate(self._mve).mean()),
+            mve=region("all"),
             fdd=float(fdd.mean()),
             fdd_abs=float(np.abs(fdd).mean()),
+            lip_sync=pearson(predicted, truth),
+            mve_lips=region("lips"),
+            mve_eyes=region("eyes"),
+            mve_upper_face=region("upper_face"),
+            mve_rest=region("rest"),
             num_sequences=len(self._fdd),
             num_frames=len(lip_sq),
         )
@@ -283,6 +364,7 @@ REPORTED = {
     "mve": ("MVE mm", 1e3),
     "fdd": ("FDD x1e-7", 1e7),
     "fdd_abs": ("|FDD| x1e-7", 1e7),
+    "lip_sync": ("lip sync r", 1.0),
 }
 
 

@@ -14,6 +14,8 @@ from mmtalker.eval.metrics import (
     fdd_sequence,
     lip_vertex_error_per_frame,
     mean_vertex_error_per_frame,
+    mouth_opening,
+    pearson,
 )
 
 # Three-vertex toy topology: vertices 0 and 1 are the lips, vertex 2 is the eye / upper face.
@@ -149,8 +151,64 @@ def test_accumulator_matches_evaluate_sequences_and_as_dict() -> None:
     assert isinstance(result, Metrics)
     assert result.as_dict()["lve"] == pytest.approx(3.75)
     assert set(result.as_dict()) == {
-        "lve", "lve_l2", "eve", "eve_l2", "mve", "fdd", "fdd_abs", "num_sequences", "num_frames",
+        "lve", "lve_l2", "eve", "eve_l2", "mve", "fdd", "fdd_abs", "lip_sync", "mve_lips",
+        "mve_eyes", "mve_upper_face", "mve_rest", "num_sequences", "num_frames",
     }  # fmt: skip
+
+
+# Four lip vertices: two on the upper lip (y = +1), two on the lower lip (y = -1); vertex 4 is
+# an eye, vertex 5 belongs to no region (the "rest").
+MOUTH_TEMPLATE = np.array([[-1.0, 1, 0], [1, 1, 0], [-1, -1, 0], [1, -1, 0], [0, 5, 0], [0, -5, 0]])
+MOUTH_LIPS = np.array([0, 1, 2, 3])
+
+
+def _mouth(openings: list[float]) -> np.ndarray:
+    """Frames whose lower lip drops by each opening (upper lip still), everything else neutral."""
+    frames = np.repeat(MOUTH_TEMPLATE[None], len(openings), axis=0)
+    frames[:, 2:4, 1] -= np.asarray(openings)[:, None]
+    return frames
+
+
+def test_mouth_opening_is_the_lip_gap_relative_to_neutral() -> None:
+    np.testing.assert_allclose(mouth_opening(_mouth([0.0, 0.5, 2.0]), MOUTH_TEMPLATE, MOUTH_LIPS),
+                               [0.0, 0.5, 2.0])  # fmt: skip
+    # Pressed lips (lower lip pushed up) give a negative opening; sideways motion none.
+    pressed = _mouth([-0.25])
+    pressed[0, :4, 0] += 3.0
+    np.testing.assert_allclose(mouth_opening(pressed, MOUTH_TEMPLATE, MOUTH_LIPS), [-0.25])
+    # A face moved up as a whole does not open its mouth.
+    np.testing.assert_allclose(
+        mouth_opening(MOUTH_TEMPLATE[None] + [0, 7, 0], MOUTH_TEMPLATE, MOUTH_LIPS), [0.0]
+    )
+
+
+def test_lip_sync_is_pearson_of_the_openings_over_the_split() -> None:
+    truth = [0.0, 1.0, 2.0, 1.0, 0.0]
+    acc = MetricAccumulator(MOUTH_LIPS, np.array([4]), np.array([4]))
+    # Half the amplitude but perfectly in time: correlation 1 (LVE sees the amplitude error).
+    acc.add(_mouth([0.5 * t for t in truth]), _mouth(truth), MOUTH_TEMPLATE)
+    assert acc.result().lip_sync == pytest.approx(1.0)
+    # A mouth that opens when the truth closes anti-correlates; pooled over both sequences the
+    # correlation is that of the concatenated series.
+    acc.add(_mouth([2.0 - t for t in truth]), _mouth(truth), MOUTH_TEMPLATE)
+    pred = np.array([0.5 * t for t in truth] + [2.0 - t for t in truth])
+    assert acc.result().lip_sync == pytest.approx(pearson(pred, np.array(truth * 2)))
+    assert pearson(np.array([1.0, 2.0, 3.0]), np.array([3.0, 2.0, 1.0])) == pytest.approx(-1.0)
+    assert math.isnan(pearson(np.ones(3), np.array([1.0, 2.0, 3.0])))
+
+
+def test_region_errors_split_lips_eyes_upper_face_and_rest() -> None:
+    gt = MOUTH_TEMPLATE[None]
+    pred = gt.copy()
+    pred[0, 0] += [3.0, 4.0, 0.0]  # lip error 5 on one of four lip vertices
+    pred[0, 4] += [0.0, 0.0, 2.0]  # eye (and upper face) error 2
+    pred[0, 5] += [1.0, 0.0, 0.0]  # rest error 1
+    scores = evaluate_sequences([(pred, gt, MOUTH_TEMPLATE)], MOUTH_LIPS, [4], [4])
+    assert scores.mve_lips == pytest.approx(1.25)
+    assert scores.mve_eyes == pytest.approx(2.0)
+    assert scores.mve_upper_face == pytest.approx(2.0)
+    assert scores.mve_rest == pytest.approx(1.0)
+    assert scores.mve == pytest.approx(8.0 / 6.0)
 
 
 def test_per_frame_functions_accept_torch_tensors() -> None:
