@@ -180,6 +180,10 @@ class EspeakSynthesizer:
         """English voice names accepted by ``synthesize``; each may take a ``+variant`` suffix."""
         return sorted(self._voice_ids)
 
+    def variants(self) -> frozenset[str]:
+        """Installed voice variants (``m1``, ``f3``, ``klatt``...), the ``+variant`` suffixes."""
+        return self._variants
+
     def synthesize(
         self,
         text: str,

@@ -102,6 +102,14 @@ def is_vowel(symbol: str) -> bool:
     return any(key in _VOWELS for key in (clean, clean[:2], clean[:1]) if key)
 
 
+def is_known(symbol: str) -> bool:
+    """Whether a phoneme symbol has its own viseme (a pause, or a vowel or consonant entry)."""
+    if is_pause(symbol):
+        return True
+    clean = symbol.translate(_STRIP)
+    return any(key in _VOWELS or key in _CONSONANTS for key in (clean, clean[:2], clean[:1]) if key)
+
+
 def viseme(symbol: str) -> tuple[np.ndarray, np.ndarray]:
     """Target (per channel) and dominance (per channel) for one IPA phoneme symbol."""
     if is_pause(symbol):
