@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 WORK ?= work
+# espeak-ng speaks the corpora; Festival (a second engine, two voices) speaks the unseen-voice
+# evaluation sets.
+APT_PACKAGES := espeak-ng festival festvox-kallpc16k festvox-us-slt-hts
 
 .PHONY: setup demo test lint format bench clean
 
@@ -14,8 +17,9 @@ setup: $(STAMP)
 # Re-runs only when pyproject.toml changes. torch comes first and pinned: any looser torch
 # requirement on a fresh venv makes pip download a multi-GB CUDA build.
 $(STAMP): pyproject.toml
-	@if ! ldconfig -p | grep -q libespeak-ng.so.1; then \
-		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq espeak-ng; fi
+	@if ! ldconfig -p | grep -q libespeak-ng.so.1 || ! command -v festival >/dev/null \
+		|| [ ! -d /usr/share/festival/voices/us/cmu_us_slt_arctic_hts ]; then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(APT_PACKAGES); fi
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
