@@ -108,7 +108,11 @@ def _region_indices(name: str, indices: object, num_vertices: int) -> np.ndarray
 
 @dataclass(frozen=True, eq=False)
 class Sequence:
-    """One utterance: mono float32 audio and the vertex positions (T, V, 3) it drives."""
+    """One utterance: mono float32 audio and the vertex positions (T, V, 3) it drives.
+
+    ``controls`` (T, C), when the corpus has them, are the rig weights per frame that made the
+    vertices (e.g. ARKit blendshape weights; their names are in the dataset manifest).
+    """
 
     sequence_id: str
     speaker: str
@@ -118,6 +122,7 @@ class Sequence:
     vertices: np.ndarray
     fps: float
     text: str = ""
+    controls: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         audio = np.ascontiguousarray(self.audio, dtype=np.float32)
@@ -136,6 +141,16 @@ class Sequence:
             raise DatasetError(f"{self.sequence_id}: audio or vertices contain NaN or infinity")
         object.__setattr__(self, "audio", audio)
         object.__setattr__(self, "vertices", vertices)
+        if self.controls is not None:
+            controls = np.ascontiguousarray(self.controls, dtype=np.float32)
+            if controls.ndim != 2 or len(controls) != len(vertices):
+                raise DatasetError(
+                    f"{self.sequence_id}: controls must be (T, C) with T = {len(vertices)} "
+                    f"frames, got {controls.shape}"
+                )
+            if not np.isfinite(controls).all():
+                raise DatasetError(f"{self.sequence_id}: controls contain NaN or infinity")
+            object.__setattr__(self, "controls", controls)
 
     @property
     def num_frames(self) -> int:

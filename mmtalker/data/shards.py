@@ -7,7 +7,9 @@ Layout of a dataset folder (or prefix)::
     templates.npz           one neutral mesh (V, 3) per speaker
     {split}-{n:05d}.parquet sequences, one row each
 
-``dataset.json`` is written last, so a folder without it is an unfinished dataset.
+``dataset.json`` is written last, so a folder without it is an unfinished dataset. Schema 2 adds
+per-frame rig controls (e.g. ARKit weights, named by ``control_names``) to each row; schema 1
+datasets (no controls) are still read.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from mmtalker.data.sequence import Sequence, Topology
 from mmtalker.errors import DatasetError, MMTalkerError
 from mmtalker.storage import S3Settings
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST = "dataset.json"
 TOPOLOGY_FILE = "topology.npz"
 TEMPLATES_FILE = "templates.npz"
@@ -51,8 +53,12 @@ SHARD_SCHEMA = pa.schema(
         ("num_vertices", pa.int32()),
         ("audio", pa.large_list(pa.float32())),
         ("vertices", pa.large_list(pa.float32())),
+        ("num_controls", pa.int32()),
+        ("controls", pa.large_list(pa.float32())),
     ]
 )
+#: Columns schema 1 shards lack; rows without them have no controls.
+_OPTIONAL_COLUMNS = frozenset({"num_controls", "controls"})
 
 
 class FileRef(BaseModel):
@@ -87,7 +93,7 @@ class TopologyInfo(FileRef):
 class DatasetManifest(BaseModel):
     """The content of ``dataset.json``."""
 
-    schema_version: Literal[1]
+    schema_version: Literal[1, 2]
     name: str
     source: str
     created_by: str
@@ -98,6 +104,8 @@ class DatasetManifest(BaseModel):
     speakers: list[str]
     splits: dict[str, SplitInfo]
     shards: list[ShardInfo]
+    #: Names of the per-frame controls stored with every sequence (empty: none).
+    control_names: list[str] = []
     extra: dict[str, Any] = {}
 
     @property
@@ -129,9 +137,12 @@ def sequences_to_table(sequences: list[Sequence], split: str, topology_id: str) 
         columns["num_vertices"].append(seq.num_vertices)
         columns["audio"].append(seq.audio)
         columns["vertices"].append(seq.vertices.reshape(-1))
+        controls = seq.controls if seq.controls is not None else np.zeros((seq.num_frames, 0))
+        columns["num_controls"].append(controls.shape[1])
+        columns["controls"].append(controls.reshape(-1))
     arrays = [
         _flat_list_array(columns[name])
-        if name in ("audio", "vertices")
+        if name in ("audio", "vertices", "controls")
         else pa.array(columns[name])
         for name in SHARD_SCHEMA.names
     ]
@@ -150,22 +161,30 @@ def _flat_list_array(chunks: list[np.ndarray]) -> pa.LargeListArray:
 
 def table_to_sequences(table: pa.Table) -> list[Sequence]:
     """Decode shard rows back into sequences (zero-copy views where pyarrow allows)."""
-    missing = set(SHARD_SCHEMA.names) - set(table.column_names)
+    missing = set(SHARD_SCHEMA.names) - set(table.column_names) - _OPTIONAL_COLUMNS
     if missing:
         raise DatasetError(f"shard rows lack the columns {sorted(missing)}; not an mmtalker shard")
     table = table.combine_chunks()
     arrays = {}
-    for name in ("audio", "vertices"):
+    for name in ("audio", "vertices", "controls"):
+        if name not in table.column_names:
+            continue
         column = table.column(name)
         chunk = (
             column.chunk(0) if column.num_chunks else pa.array([], SHARD_SCHEMA.field(name).type)
         )
         # Offsets index into the full values buffer, so this stays right for sliced arrays.
         arrays[name] = (chunk.offsets.to_numpy(), chunk.values.to_numpy(zero_copy_only=False))
-    meta = table.select([n for n in SHARD_SCHEMA.names if n not in arrays]).to_pylist()
+    names = [n for n in SHARD_SCHEMA.names if n not in arrays and n in table.column_names]
+    meta = table.select(names).to_pylist()
     out = []
     for i, row in enumerate(meta):
-        audio, verts = (values[offsets[i] : offsets[i + 1]] for offsets, values in arrays.values())
+        audio, verts, *rest = (
+            values[offsets[i] : offsets[i + 1]] for offsets, values in arrays.values()
+        )
+        controls = None
+        if rest and row["num_controls"]:
+            controls = rest[0].reshape(row["num_frames"], row["num_controls"])
         out.append(
             Sequence(
                 sequence_id=row["sequence_id"],
@@ -176,6 +195,7 @@ def table_to_sequences(table: pa.Table) -> list[Sequence]:
                 sample_rate=row["sample_rate"],
                 vertices=verts.reshape(row["num_frames"], row["num_vertices"], 3),
                 fps=row["fps"],
+                controls=controls,
             )
         )
     return out
@@ -209,8 +229,10 @@ class DatasetWriter:
         overwrite: bool = False,
         extra: dict[str, Any] | None = None,
         s3: S3Settings | None = None,
+        control_names: list[str] | None = None,
     ) -> None:
         self.uri = uri
+        self._control_names = list(control_names or [])
         self._s3 = s3
         manifest_uri = storage.join(uri, MANIFEST)
         if storage.exists(manifest_uri, s3):
@@ -247,6 +269,12 @@ class DatasetWriter:
         if sequence.speaker not in self._templates:
             raise DatasetError(
                 f"{sequence.sequence_id}: no template for speaker {sequence.speaker!r}"
+            )
+        controls = 0 if sequence.controls is None else sequence.controls.shape[1]
+        if controls != len(self._control_names):
+            raise DatasetError(
+                f"{sequence.sequence_id} has {controls} controls per frame, this dataset names "
+                f"{len(self._control_names)}"
             )
         if abs(sequence.fps - self._fps) > 1e-6 or sequence.sample_rate != self._sample_rate:
             raise DatasetError(
@@ -332,6 +360,7 @@ class DatasetWriter:
             speakers=sorted(self._templates),
             splits={k: self._splits[k] for k in SPLITS if k in self._splits},
             shards=self._shards,
+            control_names=self._control_names,
             extra=self._extra,
         )
         storage.write_bytes(

@@ -1,7 +1,9 @@
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from mmtalker.data.face import make_template
@@ -91,7 +93,7 @@ def test_round_trip_through_s3_server(s3_settings: S3Settings, s3_bucket: str) -
 def test_manifest_records_counts_durations_and_checksums(tmp_path: Path) -> None:
     _write(str(tmp_path / "ds"))
     manifest = json.loads((tmp_path / "ds" / "dataset.json").read_text())
-    assert manifest["schema_version"] == 1
+    assert manifest["schema_version"] == 2
     assert manifest["topology"]["regions"].keys() >= {"lips", "eyes", "upper_face", "face"}
     assert all(len(s["sha256"]) == 64 for s in manifest["shards"])
     total = sum(s["audio_seconds"] for s in manifest["splits"].values())
@@ -168,3 +170,40 @@ def test_sequence_and_topology_validation() -> None:
         Topology(np.array([[0, 1, 2]]), 3, {"lips": [0]})
     topo = Topology(np.array([[0, 1, 2]]), 3, regions)
     assert Topology.from_npz(topo.to_npz()).id == topo.id
+
+
+def test_per_frame_controls_round_trip_with_their_names(tmp_path: Path) -> None:
+    template = make_template(600)
+    rng = np.random.default_rng(1)
+    seqs = [
+        dataclasses.replace(s, controls=rng.uniform(0, 1, (s.num_frames, 4)).astype(np.float32))
+        for s in _sequences(3, template.topology.num_vertices, rng)
+    ]
+    names = ["jawOpen", "mouthClose", "eyeBlinkLeft", "eyeBlinkRight"]
+    templates = {"spk0": template.vertices, "spk1": template.vertices}
+    with DatasetWriter(
+        str(tmp_path / "ds"), name="c", source="test", topology=template.topology,
+        templates=templates, fps=30.0, sample_rate=16000, control_names=names,
+    ) as writer:  # fmt: skip
+        for seq in seqs:
+            writer.add(seq, "train")
+        with pytest.raises(DatasetError, match="0 controls per frame"):
+            writer.add(dataclasses.replace(seqs[0], controls=None), "train")
+    ds = open_dataset(str(tmp_path / "ds"))
+    assert ds.manifest.control_names == names
+    for read, written in zip(ds.sequences("train"), seqs, strict=True):
+        np.testing.assert_array_equal(read.controls, written.controls)
+
+
+def test_schema_1_shards_without_controls_still_read(tmp_path: Path) -> None:
+    seqs = _write(str(tmp_path / "ds"))
+    # Rewrite one shard the way schema 1 wrote it: without the control columns.
+    shard = next((tmp_path / "ds").glob("train-*.parquet"))
+    table = pq.read_table(shard).drop_columns(["num_controls", "controls"])
+    pq.write_table(table, shard)
+    manifest = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    manifest["schema_version"] = 1
+    (tmp_path / "ds" / "dataset.json").write_text(json.dumps(manifest))
+    read = list(open_dataset(str(tmp_path / "ds")).sequences("train"))
+    _assert_same(read, seqs[:4])
+    assert all(s.controls is None for s in read)
