@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
+	@# The Khronos glTF validator, for the rigged-glb test (tests/io/test_export.py).
+	@if command -v npm >/dev/null; then \
+		npm install --silent --no-audit --no-fund --prefix $(VENV) gltf-validator@2.0.0-dev.3.10; fi
 	@touch $(STAMP)
 
 # Synthesise the demo corpus, train on it with Ray Train (2 workers), register, list versions,

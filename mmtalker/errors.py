@@ -39,3 +39,7 @@ class VideoError(MMTalkerError):
 
 class ExportError(MMTalkerError, ValueError):
     """An animation cannot be exported or read back: bad shape, values, format or file."""
+
+
+class RigError(MMTalkerError, ValueError):
+    """A rig, its asset, or the weights or vertices given to it are missing or malformed."""
