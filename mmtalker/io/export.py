@@ -1,12 +1,17 @@
-"""Animation outputs: npz (always), glTF 2.0 binary with morph-target animation, OBJ sequences.
+"""Animation outputs: npz (always), glTF 2.0 binary with morph-target animation, OBJ sequences,
+ARKit curves (Live Link Face CSV and JSON).
 
 An animation is vertex positions (T, V, 3) float32 in metres at ``fps`` on a :class:`Topology`.
+Given the speaker's rig (same vertices), ``arkit`` solves per-frame ARKit-52 weights against it
+and ``glb`` becomes a rigged glTF: the rig's neutral with the 52 ARKit shapes as named morph
+targets, animated by those weights.
 Every file goes through :func:`mmtalker.storage.write_bytes` (temporary name, then a move), so a
 crashed writer never leaves a half-written file under its final name.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import math
@@ -22,9 +27,15 @@ import pygltflib
 from mmtalker import storage
 from mmtalker.data.sequence import Topology
 from mmtalker.errors import ExportError
+from mmtalker.rig.arkit import ARKIT_NAMES, LIVE_LINK_ROTATIONS, ArkitSolver, arkit_matrix
+from mmtalker.rig.rig import Rig
 from mmtalker.storage import S3Settings
 
 FORMATS = ("npz", "glb", "obj")
+#: Formats that need the speaker's rig (``write_outputs(..., rig=...)``). Kept apart from FORMATS
+#: until the batch manifest has a column for them: mmtalker_platform.batch reads one
+#: ``{format}_uri`` field per entry of FORMATS.
+RIG_FORMATS = ("arkit",)
 MAX_TARGETS = 64
 #: Largest unexplained fraction of displacement energy a glTF export may leave (see to_glb).
 TOLERANCE = 1e-4
@@ -99,7 +110,39 @@ def to_glb(
     ``max_targets`` modes cannot reach it; the attained value is in ``mesh.extras.relativeError``.
     """
     frames = _checked_frames(vertices, topology)
-    return _glb(_morph(frames, neutral, max_targets), _checked_fps(fps), topology)
+    morph = _morph(frames, neutral, max_targets)
+    names = [f"mode_{k:02d}" for k in range(len(morph.targets))]
+    return _glb(morph, names, _checked_fps(fps), topology)
+
+
+def to_rigged_glb(
+    arkit: np.ndarray,
+    fps: float,
+    rig: Rig,
+    topology: Topology,
+    vertices: np.ndarray | None = None,
+) -> bytes:
+    """A glTF 2.0 binary of ``rig``: its neutral mesh, the 52 ARKit shapes as morph targets named
+    like ARKit (``mesh.extras.targetNames``, which Blender and three.js read), animated by the
+    ARKit weights (T, 52). A channel the rig splits in halves moves both; one it lacks is a zero
+    target. With the animation's ``vertices``, ``mesh.extras.relativeError`` is the fraction of
+    their displacement energy the curves leave unexplained.
+    """
+    weights = _checked_arkit(arkit)
+    _checked_rig(rig, topology)
+    drives = (arkit_matrix(rig.shape_names) > 0).astype(np.float32)
+    targets = (drives @ rig.shapes.reshape(rig.num_shapes, -1)).reshape(len(ARKIT_NAMES), -1, 3)
+    error = None
+    if vertices is not None:
+        frames = _checked_frames(vertices, topology)
+        if len(frames) != len(weights):
+            raise ExportError(f"{len(weights)} frames of weights for {len(frames)} of vertices")
+        d = (frames - rig.neutral).reshape(len(frames), -1)
+        left = d.astype(np.float64) - weights @ targets.reshape(len(targets), -1)
+        total = float(np.sum(d.astype(np.float64) ** 2))
+        error = float(np.sum(left**2) / total) if total > 0 else 0.0
+    morph = _Morph(rig.neutral, targets, weights, error)
+    return _glb(morph, list(ARKIT_NAMES), _checked_fps(fps), topology)
 
 
 def from_glb(data: bytes) -> tuple[np.ndarray, float]:
@@ -122,6 +165,38 @@ def from_glb(data: bytes) -> tuple[np.ndarray, float]:
     return frames.astype(np.float32), fps
 
 
+def arkit_csv(arkit: np.ndarray, fps: float) -> bytes:
+    """ARKit weights (T, 52) as a Live Link Face CSV: ``Timecode,BlendShapeCount,EyeBlinkLeft,…``.
+
+    One row per frame; the timecode is ``HH:MM:SS:FF.mmm`` (FF the frame within the second at
+    ``fps``, then its fraction); the head and eye rotation columns are 0.
+    """
+    weights, fps = _checked_arkit(arkit), _checked_fps(fps)
+    columns = [n[0].upper() + n[1:] for n in ARKIT_NAMES] + list(LIVE_LINK_ROTATIONS)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["Timecode", "BlendShapeCount", *columns])
+    zeros = ["0"] * len(LIVE_LINK_ROTATIONS)
+    for t, row in enumerate(weights.tolist()):
+        writer.writerow([_timecode(t, fps), len(columns), *(f"{x:.6f}" for x in row), *zeros])
+    return text.getvalue().encode()
+
+
+def arkit_json(arkit: np.ndarray, fps: float) -> bytes:
+    """ARKit weights (T, 52) as JSON: ``{"fps": …, "names": [52 names], "weights": [[52] × T]}``."""
+    weights, fps = _checked_arkit(arkit), _checked_fps(fps)
+    rows = np.round(weights.astype(np.float64), 6).tolist()
+    return json.dumps({"fps": fps, "names": list(ARKIT_NAMES), "weights": rows}).encode()
+
+
+def _timecode(frame: int, fps: float) -> str:
+    seconds, within = divmod(frame / fps, 1.0)
+    part, whole = math.modf(within * fps + 1e-9)
+    minutes, second = divmod(int(seconds), 60)
+    hour, minute = divmod(minutes, 60)
+    return f"{hour:02d}:{minute:02d}:{second:02d}:{int(whole):02d}.{int(part * 1000):03d}"
+
+
 def to_obj_sequence(vertices: np.ndarray, topology: Topology) -> Iterator[tuple[str, bytes]]:
     """One Wavefront OBJ per frame as (``frame_00000.obj``, bytes), positions to 6 decimals."""
     frames = _checked_frames(vertices, topology)
@@ -140,25 +215,45 @@ def write_outputs(
     base_uri: str | Path,
     formats: set[str],
     s3: S3Settings | None = None,
+    rig: Rig | None = None,
 ) -> dict[str, str]:
-    """Write ``BASE.npz`` and the requested ``BASE.glb`` / ``BASE_obj/``; return format → URI.
+    """Write ``BASE.npz`` and the requested outputs; return format → URI.
 
-    The npz is written last, so its presence means every output of the animation is complete.
+    ``glb`` → ``BASE.glb`` (rigged with ARKit-named targets when ``rig`` is given, principal
+    modes otherwise); ``obj`` → ``BASE_obj/``; ``arkit`` (needs ``rig``: the speaker's rig on
+    the same vertices) → ``BASE_arkit.csv`` (Live Link Face layout, key ``arkit``) and
+    ``BASE_arkit.json`` (key ``arkit_json``). The npz is written last, so its presence means
+    every output of the animation is complete.
     """
-    unknown = set(formats) - set(FORMATS)
+    unknown = set(formats) - set(FORMATS) - set(RIG_FORMATS)
     if unknown:
         raise ExportError(
-            f"unknown output formats {sorted(unknown)}; choose from {', '.join(FORMATS)}"
+            f"unknown output formats {sorted(unknown)}; choose from "
+            f"{', '.join(FORMATS + RIG_FORMATS)}"
         )
+    if "arkit" in formats and rig is None:
+        raise ExportError("format arkit needs the speaker's rig to solve ARKit weights against")
     frames = _checked_frames(vertices, topology)
     fps = _checked_fps(fps)
     uris = {"npz": f"{base_uri}.npz"}
+    arkit = None
+    if rig is not None and formats & {"arkit", "glb"}:
+        _checked_rig(rig, topology)
+        arkit = ArkitSolver(rig).solve(frames)
     if "glb" in formats:
         uris["glb"] = f"{base_uri}.glb"
-        storage.write_bytes(uris["glb"], to_glb(frames, fps, topology), s3)
+        if arkit is None:
+            glb = to_glb(frames, fps, topology)
+        else:
+            glb = to_rigged_glb(arkit, fps, rig, topology, frames)
+        storage.write_bytes(uris["glb"], glb, s3)
     if "obj" in formats:
         uris["obj"] = f"{base_uri}_obj/"
         _write_obj_folder(frames, fps, topology, uris["obj"], s3)
+    if "arkit" in formats:
+        uris["arkit"], uris["arkit_json"] = f"{base_uri}_arkit.csv", f"{base_uri}_arkit.json"
+        storage.write_bytes(uris["arkit"], arkit_csv(arkit, fps), s3)
+        storage.write_bytes(uris["arkit_json"], arkit_json(arkit, fps), s3)
     write_npz(frames, fps, topology, uris["npz"], s3)
     return uris
 
@@ -187,6 +282,26 @@ def _checked_frames(vertices: np.ndarray, topology: Topology) -> np.ndarray:
     return frames
 
 
+def _checked_rig(rig: Rig, topology: Topology) -> None:
+    if rig.num_vertices != topology.num_vertices:
+        raise ExportError(
+            f"the rig has {rig.num_vertices} vertices but the animation's topology has "
+            f"{topology.num_vertices}; give the rig of the animated mesh (e.g. the coarse rig "
+            "for a coarse animation)"
+        )
+
+
+def _checked_arkit(arkit: np.ndarray) -> np.ndarray:
+    weights = np.asarray(arkit, dtype=np.float32)
+    if weights.ndim != 2 or weights.shape[1] != len(ARKIT_NAMES) or len(weights) == 0:
+        raise ExportError(
+            f"ARKit weights must be (T, {len(ARKIT_NAMES)}) with T ≥ 1, got {weights.shape}"
+        )
+    if not np.isfinite(weights).all():
+        raise ExportError("ARKit weights contain NaN or infinity")
+    return weights
+
+
 def _checked_fps(fps: float) -> float:
     if not (math.isfinite(fps) and fps > 0):
         raise ExportError(f"fps must be a positive finite number, got {fps}")
@@ -195,7 +310,8 @@ def _checked_fps(fps: float) -> float:
 
 @dataclass(frozen=True)
 class _Morph:
-    """Frame t ≈ ``base + weights[t] @ targets``; ``error`` is the unexplained energy fraction.
+    """Frame t ≈ ``base + weights[t] @ targets``; ``error`` is the unexplained energy fraction
+    (None when the frames are not known).
 
     ``base`` is (V, 3), ``targets`` (K, V, 3) displacements, ``weights`` (T, K) in [-1, 1].
     """
@@ -203,7 +319,7 @@ class _Morph:
     base: np.ndarray
     targets: np.ndarray
     weights: np.ndarray
-    error: float
+    error: float | None
 
 
 def _morph(frames: np.ndarray, neutral: np.ndarray | None, max_targets: int) -> _Morph:
@@ -279,7 +395,7 @@ class _Buffer:
         return len(self.accessors) - 1
 
 
-def _glb(morph: _Morph, fps: float, topology: Topology) -> bytes:
+def _glb(morph: _Morph, names: list[str], fps: float, topology: Topology) -> bytes:
     buffer = _Buffer()
     index_type = "<u2" if topology.num_vertices < 65536 else "<u4"
     indices = buffer.add(topology.faces.ravel().astype(index_type), "SCALAR", _ELEMENT_ARRAY_BUFFER)
@@ -302,7 +418,7 @@ def _glb(morph: _Morph, fps: float, topology: Topology) -> bytes:
         "primitives": [primitive],
         "weights": [0.0] * len(targets),
         "extras": {
-            "targetNames": [f"mode_{k:02d}" for k in range(len(targets))],
+            "targetNames": names,
             "fps": fps,
             "relativeError": morph.error,
             "topologyId": topology.id,

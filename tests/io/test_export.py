@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import re
+import shutil
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,16 +21,22 @@ import trimesh
 
 from mmtalker import storage
 from mmtalker.data.face import FaceTemplate, make_template
+from mmtalker.data.sequence import Topology
 from mmtalker.errors import MMTalkerError
 from mmtalker.io.export import (
     ExportError,
+    arkit_csv,
+    arkit_json,
     from_glb,
     read_npz,
     to_glb,
     to_obj_sequence,
+    to_rigged_glb,
     write_npz,
     write_outputs,
 )
+from mmtalker.rig import ARKIT_NAMES, Rig, arkit_to_rig, face_topology, load_ict
+from mmtalker.rig.coarse import coarse_face
 from mmtalker.storage import S3Settings
 
 FPS = 30.0
@@ -271,7 +281,7 @@ def test_bad_vertices_are_rejected(
 
 def test_bad_arguments_are_rejected(face: FaceTemplate, tmp_path: Path) -> None:
     frames = motion(face, frames=2)
-    with pytest.raises(ExportError, match="npz, glb, obj") as info:
+    with pytest.raises(ExportError, match="npz, glb, obj, arkit") as info:
         write_outputs(frames, FPS, face.topology, tmp_path / "b", {"glb", "fbx"})
     assert isinstance(info.value, MMTalkerError) and isinstance(info.value, ValueError)
     assert "\n" not in str(info.value) and "fbx" in str(info.value)
@@ -288,3 +298,151 @@ def test_bad_arguments_are_rejected(face: FaceTemplate, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match=r"not an animation \.npz"):
         read_npz(tmp_path / "bad.npz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npz"]
+
+
+# ARKit outputs on a real rig: the ICT face area at 300 vertices, one speaker's identity.
+LIVE_LINK_HEADER = (
+    "Timecode,BlendShapeCount,EyeBlinkLeft,EyeLookDownLeft,EyeLookInLeft,EyeLookOutLeft,"
+    "EyeLookUpLeft,EyeSquintLeft,EyeWideLeft,EyeBlinkRight,EyeLookDownRight,EyeLookInRight,"
+    "EyeLookOutRight,EyeLookUpRight,EyeSquintRight,EyeWideRight,JawForward,JawRight,JawLeft,"
+    "JawOpen,MouthClose,MouthFunnel,MouthPucker,MouthRight,MouthLeft,MouthSmileLeft,"
+    "MouthSmileRight,MouthFrownLeft,MouthFrownRight,MouthDimpleLeft,MouthDimpleRight,"
+    "MouthStretchLeft,MouthStretchRight,MouthRollLower,MouthRollUpper,MouthShrugLower,"
+    "MouthShrugUpper,MouthPressLeft,MouthPressRight,MouthLowerDownLeft,MouthLowerDownRight,"
+    "MouthUpperUpLeft,MouthUpperUpRight,BrowDownLeft,BrowDownRight,BrowInnerUp,BrowOuterUpLeft,"
+    "BrowOuterUpRight,CheekPuff,CheekSquintLeft,CheekSquintRight,NoseSneerLeft,NoseSneerRight,"
+    "TongueOut,HeadYaw,HeadPitch,HeadRoll,LeftEyeYaw,LeftEyePitch,LeftEyeRoll,RightEyeYaw,"
+    "RightEyePitch,RightEyeRoll"
+)
+VALIDATOR = Path(sys.prefix) / "node_modules" / "gltf-validator"
+
+
+@pytest.fixture(scope="module")
+def speaker() -> Rig:
+    return coarse_face(load_ict(), 300).rig.identity(seed=4)
+
+
+@pytest.fixture(scope="module")
+def speaker_topology(speaker: Rig) -> Topology:
+    return face_topology(speaker)
+
+
+def arkit_curves(frames: int, seed: int = 0) -> np.ndarray:
+    """Smooth ARKit curves in [0, 1] on a few channels, 0 elsewhere (tongueOut always 0)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(frames)[:, None] / FPS
+    curves = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(0.3, 2, 52) * t + rng.uniform(0, 6, 52))
+    curves *= rng.uniform(size=52) < 0.3
+    curves[:, ARKIT_NAMES.index("jawOpen")] = np.linspace(0, 1, frames)
+    curves[:, -1] = 0.0
+    return curves.astype(np.float32)
+
+
+def khronos_issues(data: bytes) -> dict:
+    """The Khronos glTF validator's ``issues`` report on a .glb (npm's gltf-validator)."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("node and npm are not installed: the Khronos glTF validator cannot run")
+    if not VALIDATOR.is_dir():
+        pytest.fail(
+            f"npm is installed but the Khronos glTF validator is not in {VALIDATOR}: run "
+            "`make setup`, which installs it there"
+        )
+    script = (
+        "const v = require(process.argv[1]);"
+        "v.validateBytes(new Uint8Array(require('fs').readFileSync(0)))"
+        ".then(r => console.log(JSON.stringify(r.issues)))"
+        ".catch(e => { console.error(String(e)); process.exit(1); });"
+    )
+    done = subprocess.run(
+        ["node", "-e", script, str(VALIDATOR)], input=data, capture_output=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    return json.loads(done.stdout)
+
+
+def test_arkit_csv_has_the_live_link_face_layout() -> None:
+    curves = arkit_curves(40)
+    rows = list(csv.reader(io.StringIO(arkit_csv(curves, FPS).decode())))
+    assert ",".join(rows[0]) == LIVE_LINK_HEADER
+    assert len(rows) == 1 + len(curves) and {len(r) for r in rows} == {63}
+    assert [r[0] for r in rows[1:3]] == ["00:00:00:00.000", "00:00:00:01.000"]
+    assert [r[0] for r in rows[30:33]] == ["00:00:00:29.000", "00:00:01:00.000", "00:00:01:01.000"]
+    assert {r[1] for r in rows[1:]} == {"61"}
+    weights = np.array([r[2:54] for r in rows[1:]], dtype=np.float64)
+    np.testing.assert_allclose(weights, curves, atol=5e-7)
+    assert {v for r in rows[1:] for v in r[54:]} == {"0"}
+    hour = list(csv.reader(io.StringIO(arkit_csv(arkit_curves(3662), 1.0).decode())))
+    assert hour[-1][0] == "01:01:01:00.000"
+    quarter = list(csv.reader(io.StringIO(arkit_csv(arkit_curves(3), 40.0).decode())))
+    assert [r[0] for r in quarter[1:]] == ["00:00:00:00.000", "00:00:00:01.000", "00:00:00:02.000"]
+
+
+def test_arkit_json_holds_fps_names_and_weights() -> None:
+    curves = arkit_curves(12)
+    payload = json.loads(arkit_json(curves, FPS))
+    assert payload["fps"] == FPS and payload["names"] == list(ARKIT_NAMES)
+    np.testing.assert_allclose(payload["weights"], curves, atol=5e-7)
+    with pytest.raises(ExportError, match=r"\(T, 52\)"):
+        arkit_json(curves[:, :51], FPS)
+
+
+def test_rigged_glb_has_named_arkit_targets_and_validates(
+    speaker: Rig, speaker_topology: Topology
+) -> None:
+    curves = arkit_curves(45)
+    frames = speaker.compose(arkit_to_rig(curves, speaker.shape_names))
+    data = to_rigged_glb(curves, FPS, speaker, speaker_topology, frames)
+    gltf = pygltflib.GLTF2.load_from_bytes(data)
+    (mesh,) = gltf.meshes
+    assert mesh.extras["targetNames"] == list(ARKIT_NAMES)
+    assert len(mesh.primitives[0].targets) == 52 and mesh.weights == [0.0] * 52
+    assert mesh.extras["relativeError"] < 1e-10
+    np.testing.assert_array_equal(
+        floats(gltf, mesh.primitives[0].attributes.POSITION), speaker.neutral
+    )
+    assert not floats(gltf, mesh.primitives[0].targets[-1]["POSITION"]).any()  # tongueOut
+    (sampler,) = gltf.animations[0].samplers
+    assert gltf.accessors[sampler.output].count == 45 * 52
+    np.testing.assert_allclose(floats(gltf, sampler.input)[:, 0], np.arange(45) / FPS, rtol=1e-6)
+    decoded, fps = from_glb(data)
+    assert fps == FPS
+    np.testing.assert_allclose(decoded, frames, atol=1e-6)
+    issues = khronos_issues(data)
+    assert issues["numErrors"] == 0 and issues["numWarnings"] == 0, issues["messages"]
+
+
+def test_write_outputs_solves_arkit_against_the_rig(
+    speaker: Rig, speaker_topology: Topology, tmp_path: Path
+) -> None:
+    curves = arkit_curves(30)
+    frames = speaker.compose(arkit_to_rig(curves, speaker.shape_names))
+    base = tmp_path / "clip"
+    uris = write_outputs(frames, FPS, speaker_topology, base, {"arkit", "glb"}, rig=speaker)
+    assert uris == {
+        "npz": f"{base}.npz",
+        "glb": f"{base}.glb",
+        "arkit": f"{base}_arkit.csv",
+        "arkit_json": f"{base}_arkit.json",
+    }
+    solved = np.array(json.loads(Path(uris["arkit_json"]).read_text())["weights"])
+    np.testing.assert_allclose(solved, curves, atol=2e-3)
+    rows = Path(uris["arkit"]).read_text().splitlines()
+    assert rows[0] == LIVE_LINK_HEADER and len(rows) == 31
+    rigged = pygltflib.GLTF2.load_from_bytes(Path(uris["glb"]).read_bytes())
+    assert rigged.meshes[0].extras["targetNames"] == list(ARKIT_NAMES)
+    np.testing.assert_allclose(from_glb(Path(uris["glb"]).read_bytes())[0], frames, atol=1e-4)
+    # Without a rig, glb keeps its principal modes.
+    plain = write_outputs(frames, FPS, speaker_topology, tmp_path / "plain", {"glb"})
+    names = pygltflib.GLTF2.load_from_bytes(Path(plain["glb"]).read_bytes()).meshes[0].extras
+    assert names["targetNames"][0] == "mode_00"
+
+
+def test_arkit_output_needs_the_rig_of_the_animated_mesh(
+    face: FaceTemplate, speaker: Rig, tmp_path: Path
+) -> None:
+    frames = motion(face, frames=2)
+    with pytest.raises(ExportError, match="format arkit needs the speaker's rig"):
+        write_outputs(frames, FPS, face.topology, tmp_path / "a", {"arkit"})
+    with pytest.raises(ExportError, match="the rig has 300 vertices but the animation's"):
+        write_outputs(frames, FPS, face.topology, tmp_path / "b", {"arkit"}, rig=speaker)
+    assert list(tmp_path.iterdir()) == []
