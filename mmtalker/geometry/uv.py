@@ -43,6 +43,7 @@ def compute_uv(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     if uv.shape != (len(vertices), 2) or not np.isfinite(uv).all():
         raise TemplateError("the LSCM solve failed; the mesh is probably not a manifold surface")
     uv = _align_to_xy(uv, vertices[:, :2])
+    uv = _unfold(uv, faces)
     low, extent = uv.min(axis=0), np.ptp(uv, axis=0)
     uv = (uv - low) / extent.max() + (1.0 - extent / extent.max()) / 2.0
     uv = np.clip(uv, 0.0, 1.0).astype(np.float32)
@@ -172,9 +173,44 @@ def _align_to_xy(uv: np.ndarray, xy: np.ndarray) -> np.ndarray:
     return uv @ (u @ vt)
 
 
-def _check_chart(uv: np.ndarray, faces: np.ndarray) -> None:
+def _signed_areas(uv: np.ndarray, faces: np.ndarray) -> np.ndarray:
     a, b, c = (uv[faces[:, k]].astype(np.float64) for k in range(3))
-    area = 0.5 * ((b - a)[:, 0] * (c - a)[:, 1] - (c - a)[:, 0] * (b - a)[:, 1])
+    return 0.5 * ((b - a)[:, 0] * (c - a)[:, 1] - (c - a)[:, 0] * (b - a)[:, 1])
+
+
+def _unfold(uv: np.ndarray, faces: np.ndarray, rounds: int = 50) -> np.ndarray:
+    """``uv`` with small folds smoothed out: the corners of turned-over triangles (and, if that
+    is not enough, their growing neighbourhood) move to the mean of their neighbours.
+
+    Scanned faces crumple in places (sub-millimetre triangles at the corners of the mouth whose
+    angles sum past 360°) that no conformal map flattens; a few local averaging rounds fix such
+    a patch without touching the rest of the chart.
+    """
+    area = _signed_areas(uv, faces)
+    sign = 1.0 if (area > 0).sum() >= (area < 0).sum() else -1.0
+    flipped = area * sign < 0
+    if not flipped.any():
+        return uv
+    edges = faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)
+    n = len(uv)
+    adjacency = sparse.coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), (n, n))
+    adjacency = ((adjacency + adjacency.T) > 0).astype(np.float64).tocsr()
+    mean = sparse.diags(1.0 / np.maximum(np.asarray(adjacency.sum(axis=1)).ravel(), 1)) @ adjacency
+    uv = uv.astype(np.float64)
+    moving = np.zeros(n, dtype=bool)
+    for _ in range(rounds):
+        moving[faces[flipped].ravel()] = True
+        for _ in range(10):
+            uv[moving] = (mean @ uv)[moving]
+        flipped = _signed_areas(uv, faces) * sign < 0
+        if not flipped.any():
+            break
+        moving |= (adjacency @ moving.astype(np.float64)) > 0
+    return uv
+
+
+def _check_chart(uv: np.ndarray, faces: np.ndarray) -> None:
+    area = _signed_areas(uv, faces)
     degenerate = np.abs(area) <= DEGENERATE_AREA_FRACTION * np.median(np.abs(area))
     # The majority orientation is the chart's; a fold shows as triangles wound the other way.
     sign = 1.0 if (area > 0).sum() >= (area < 0).sum() else -1.0

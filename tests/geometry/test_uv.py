@@ -252,3 +252,18 @@ def test_subdivided_vertices_map_back_onto_the_base_surface() -> None:
     np.testing.assert_allclose(
         barycentric_interpolate(tpl.vertices, faces, face_index, bary), vertices, atol=1e-6
     )
+
+
+def test_the_full_ict_face_gets_a_chart_despite_its_crumpled_mouth_corners() -> None:
+    # LSCM turns over six sub-millimetre triangles of the scanned face (mouth and eye corners);
+    # the chart smooths them out locally and is fold-free everywhere.
+    from mmtalker.rig import face_regions, load_ict
+
+    face = load_ict().subset("face")
+    uv = compute_uv(face.neutral, face.faces)
+    a, b, c = (uv[face.faces[:, k]].astype(np.float64) for k in range(3))
+    area = (b - a)[:, 0] * (c - a)[:, 1] - (c - a)[:, 0] * (b - a)[:, 1]
+    assert (area > 0).all() or (area < 0).all()
+    # The lips keep a chart of their own size: the repair stayed local.
+    lips = uv[face_regions(face)["lips"]]
+    assert 0.1 < np.ptp(lips[:, 0]) < 0.6
