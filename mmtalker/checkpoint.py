@@ -115,6 +115,11 @@ def save_checkpoint(
     return directory
 
 
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    return f"{'.'.join(map(str, error['loc']))}: {error['msg']}"
+
+
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Load a checkpoint folder written by :func:`save_checkpoint`."""
     directory = Path(directory)
@@ -139,12 +144,26 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
         weights = load_file(str(directory / "model.safetensors"))
     except (OSError, ValueError, zipfile.BadZipFile, SafetensorError) as exc:
         raise CheckpointError(f"{directory} holds a corrupt file: {exc}") from exc
-    model = build_model(info.kind, info.config, topology, templates)
     try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
+        model = build_model(info.kind, info.config, topology, templates)
+    except ValidationError as exc:
         raise CheckpointError(
-            f"weights in {directory} do not fit a {info.kind} model: {exc}"
+            f"{directory} holds a {info.kind} config this version cannot build "
+            f"({_first_error(exc)}); it was saved by another mmtalker version: retrain it"
         ) from exc
+    expected, found = model.state_dict(), set(weights)
+    missing, unexpected = sorted(set(expected) - found), sorted(found - set(expected))
+    wrong = [k for k in sorted(found & set(expected)) if weights[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            f"{label} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+            for label, names in (("missing", missing), ("unexpected", unexpected),
+                                 ("other shapes", wrong)) if names
+        )  # fmt: skip
+        raise CheckpointError(
+            f"weights in {directory} do not fit this version's {info.kind} model ({detail}); "
+            "it was saved by another mmtalker version: retrain it"
+        )
+    model.load_state_dict(weights)
     model.to(device).eval()
     return Checkpoint(model, info.fps, info.sample_rate, templates, info.metadata)

@@ -22,6 +22,10 @@ class LossConfig(BaseModel):
     #: Mean over frames of the largest squared error on the lips: the lip vertex error (LVE)
     #: is this maximum, which a mean-square loss alone lets a few lip points carry.
     lip_max: float = Field(0.2, ge=0)
+    #: How much each point moves over a clip (the temporal standard deviation of its
+    #: displacement, per axis) matched to the truth: a mean-square loss alone rewards damped
+    #: motion wherever timing is uncertain, and the upper face (FDD) then looks frozen.
+    dynamics: float = Field(1.0, ge=0)
     sampler: float = Field(1.0, ge=0)
     coverage: float = Field(0.05, ge=0)
     points: int = Field(1024, ge=16)
@@ -43,6 +47,7 @@ class MotionLoss:
     position: Tensor
     velocity: Tensor
     lip_max: Tensor
+    dynamics: Tensor
     point_position: Tensor
     point_velocity: Tensor
 
@@ -69,13 +74,25 @@ def motion_losses(
         lip_max = (squared[..., lips].amax(dim=-1) * mask[..., 0]).sum() / frames
     else:
         lip_max = squared.new_zeros(())
+    spread = (temporal_std(pred, mask[..., None]) - temporal_std(target, mask[..., None])) ** 2
+    dynamics = (spread.sum(-1) * point_weights).mean()
     return MotionLoss(
         position=position,
         velocity=velocity,
         lip_max=lip_max,
+        dynamics=dynamics,
         point_position=((squared * mask).sum(dim=(0, 1)) / frames).detach(),
         point_velocity=((speed_error * both).sum(dim=(0, 1)) / steps).detach(),
     )
+
+
+def temporal_std(values: Tensor, mask: Tensor) -> Tensor:
+    """Standard deviation over real frames of (B, T, P, 3) values, mask (B, T, 1, 1): (B, P, 3)."""
+    count = mask.sum(dim=1).clamp_min(1.0)
+    mean = (values * mask).sum(dim=1) / count
+    variance = (((values - mean[:, None]) ** 2) * mask).sum(dim=1) / count
+    # The epsilon keeps the gradient finite for points that do not move at all.
+    return (variance + 1e-8).sqrt()
 
 
 def combined_loss(parts: MotionLoss, losses: LossConfig) -> Tensor:
@@ -84,4 +101,5 @@ def combined_loss(parts: MotionLoss, losses: LossConfig) -> Tensor:
         losses.position * parts.position
         + losses.velocity * parts.velocity
         + losses.lip_max * parts.lip_max
+        + losses.dynamics * parts.dynamics
     )

@@ -20,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mmtalker.checkpoint import build_model
+from mmtalker.data.augment import AugmentConfig
 from mmtalker.data.batch import Batch, collate
 from mmtalker.data.sequence import Sequence
 from mmtalker.data.shards import Dataset
@@ -46,8 +47,14 @@ class TrainConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
+    #: Training time (validation excluded) after which training stops; the learning-rate
+    #: schedule is then spread over this time instead of over ``epochs``.
     time_budget_s: float | None = Field(None, gt=0)
+    #: With a time budget: validations spread evenly over it (the last one at its end).
+    validations: int = Field(10, ge=1)
     losses: LossConfig = LossConfig()
+    #: Audio augmentation of training crops (speed, filters, room, noise, codec, gain).
+    augment: AugmentConfig = AugmentConfig()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -155,15 +162,9 @@ class Trainer:
             lr=config.learning_rate,
             weight_decay=0.0,
         )
-        warmup = max(config.warmup_steps, 1)
-        total = max(total_steps, warmup + 1)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.total_steps = max(total_steps, 1)
+        self.steps_done = 0
+        self._base_rates = [group["lr"] for group in self.optimizer.param_groups]
         # Loss scaling is only needed for fp16; bf16 has fp32's range.
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
         self.model = wrap(self.module) if wrap is not None else self.module
@@ -173,8 +174,29 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def step(self, batch: Batch) -> dict[str, float]:
-        """One optimisation step; returns the loss and its named parts."""
+    def learning_rate_factor(self, progress: float | None = None) -> float:
+        """Linear warmup over ``warmup_steps`` (at most a tenth of the schedule), then a cosine
+        decay to zero.
+
+        ``progress`` is the fraction of the schedule done (e.g. of a time budget); by default the
+        fraction of ``total_steps`` taken.
+        """
+        warmup = min(self.config.warmup_steps, self.total_steps // 10)
+        if self.steps_done < warmup:
+            return (self.steps_done + 1) / warmup
+        if progress is None:
+            progress = (self.steps_done - warmup) / max(self.total_steps - warmup, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+    def step(self, batch: Batch, progress: float | None = None) -> dict[str, float]:
+        """One optimisation step; returns the loss and its named parts.
+
+        ``progress`` (0–1) places the step on the learning-rate schedule, for training bounded by
+        time rather than by a step count; see :meth:`learning_rate_factor`.
+        """
+        factor = self.learning_rate_factor(progress)
+        for group, rate in zip(self.optimizer.param_groups, self._base_rates, strict=True):
+            group["lr"] = rate * factor
         self.model.train()
         batch = batch.to(self.device)
         with self._autocast():
@@ -191,21 +213,21 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self._sampler, self.config.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        self.steps_done += 1
         return {"objective": loss.item(), "grad_norm": norm.item(), **logs}
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer, schedule and loss-scaler state (tensors and numbers only), for resuming."""
         return {
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "steps_done": self.steps_done,
             "scaler": self.scaler.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.steps_done = int(state["steps_done"])
         self.scaler.load_state_dict(state["scaler"])
 
 
@@ -248,9 +270,13 @@ def fit(
     config: TrainConfig,
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
-    """Train on the dataset's train split, validate each epoch; returns per-epoch records.
+    """Train on the train split, validate, keep the weights that score best on val; returns the
+    validation records.
 
-    Sequences are held in memory: this is the single-process path for corpora that fit.
+    Without ``time_budget_s`` training runs ``epochs`` and validates after each; with it, the
+    budget bounds training time alone (validation runs outside it) and the schedule follows the
+    budget. The model ends with the weights of the best validation LVE (the last ones without a
+    val split). Sequences are held in memory: the single-process path for corpora that fit.
     """
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -260,29 +286,49 @@ def fit(
     model.displacement_scale.fill_(displacement_scale(train, templates))
     speaker_index = {name: i for i, name in enumerate(model.speakers)}
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    trainer = Trainer(model, config, steps_per_epoch * config.epochs)
-    started = time.perf_counter()
+    total = steps_per_epoch * config.epochs
+    trainer = Trainer(model, config, total)
+    budget = config.time_budget_s
+    checkpoints = (
+        [budget * (i + 1) / config.validations for i in range(config.validations)] if budget else []
+    )
     history: list[dict[str, float]] = []
-    step = 0
-    for epoch in range(config.epochs):
-        losses = []
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    trained, step, epoch, losses = 0.0, 0, 0, []
+
+    def validate() -> None:
+        nonlocal best
+        record = {"epoch": epoch, "steps": step, "train_seconds": trained,
+                  "train_loss": float(np.mean(losses)) if losses else float("nan")}  # fmt: skip
+        losses.clear()
+        if val:
+            scores = evaluate(model, val, templates, trainer.device).as_dict()
+            record.update({f"val_{k}": v for k, v in scores.items()})
+            if best is None or scores["lve"] < best[0]:
+                best = (
+                    scores["lve"],
+                    {k: v.detach().clone() for k, v in model.state_dict().items()},
+                )
+        history.append(record)
+
+    while (budget is None and epoch < config.epochs) or (budget is not None and checkpoints):
         for group in length_batches(train, config.batch_size, rng):
-            batch = collate(group, templates, speaker_index, config.max_frames, rng)
-            losses.append(trainer.step(batch)["loss"])
+            started = time.perf_counter()
+            batch = collate(group, templates, speaker_index, config.max_frames, rng, config.augment)
+            fraction = trained / budget if budget else None
+            losses.append(trainer.step(batch, fraction)["loss"])
+            trained += time.perf_counter() - started
             step += 1
             if progress is not None:
-                progress(step, steps_per_epoch * config.epochs, {"loss": losses[-1]})
-            if config.time_budget_s and time.perf_counter() - started > config.time_budget_s:
+                progress(step, total, {"loss": losses[-1]})
+            while checkpoints and trained >= checkpoints[0]:
+                checkpoints.pop(0)
+                validate()
+            if budget is not None and not checkpoints:
                 break
-        record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "steps": step}
-        if val:
-            record.update(
-                {
-                    f"val_{k}": v
-                    for k, v in evaluate(model, val, templates, trainer.device).as_dict().items()
-                }
-            )
-        history.append(record)
-        if config.time_budget_s and time.perf_counter() - started > config.time_budget_s:
-            break
+        epoch += 1
+        if budget is None:
+            validate()
+    if best is not None:
+        model.load_state_dict(best[1])
     return history

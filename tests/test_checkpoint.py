@@ -53,8 +53,15 @@ def test_broken_checkpoints_give_clear_errors(
     config = json.loads((tmp_path / "config.json").read_text())
     config["config"]["basis"] = 99
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="do not fit"):
+    # One line that says what does not fit and what to do.
+    with pytest.raises(CheckpointError, match=r"other shapes head\..*retrain it") as error:
         load_checkpoint(tmp_path)
+    assert "\n" not in str(error.value)
+    config["config"]["no_such_option"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="no_such_option.*retrain it"):
+        load_checkpoint(tmp_path)
+    del config["config"]["no_such_option"]
     config["kind"] = "nonsense"
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="unknown model kind"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, fields
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mmtalker.data.augment import AugmentConfig, Crop, augment_audio, retime, speed_factor
 from mmtalker.data.sequence import Sequence
 
 
@@ -44,23 +46,39 @@ def collate(
     speaker_index: Mapping[str, int],
     max_frames: int | None = None,
     rng: np.random.Generator | None = None,
+    augment: AugmentConfig | None = None,
 ) -> Batch:
     """Pad sequences into a batch, cropping each to at most ``max_frames`` (random window).
 
     Crops keep audio and frames aligned: the window starts on a frame boundary and takes the
-    audio samples of exactly those frames.
+    audio samples of exactly those frames. ``augment`` alters each crop's audio (and, for speed
+    perturbation, retimes audio and frames together); see :mod:`mmtalker.data.augment`.
     """
     rng = rng or np.random.default_rng(0)
     crops = []
     for seq in sequences:
-        start, frames = 0, seq.num_frames
-        if max_frames is not None and frames > max_frames:
-            start = int(rng.integers(0, frames - max_frames + 1))
-            frames = max_frames
         per_frame = seq.sample_rate / seq.fps
+        factor = speed_factor(augment, rng) if augment is not None else 1.0
+        # The window covers ``max_frames`` frames after retiming: factor times as many before.
+        window = seq.num_frames if max_frames is None else math.ceil(max_frames * factor)
+        start, frames = 0, seq.num_frames
+        if frames > window:
+            start = int(rng.integers(0, frames - window + 1))
+            frames = window
         a0 = round(start * per_frame)
         a1 = min(len(seq.audio), round((start + frames) * per_frame))
-        crops.append((seq, seq.vertices[start : start + frames], seq.audio[a0:a1]))
+        crop = Crop(seq.audio[a0:a1], seq.vertices[start : start + frames])
+        if factor != 1.0:
+            length = min(max_frames or frames, int(frames / factor))
+            crop = retime(crop, factor, max(length, 1), per_frame)
+        crops.append((seq, crop.frames, crop.audio))
+    if augment is not None and augment.enabled:
+        clean = [audio for _, _, audio in crops]
+        for row, (seq, frames, audio) in enumerate(crops):
+            # Background talk for the noise effect: another crop of the same batch.
+            babble = clean[(row + 1) % len(clean)] if len(clean) > 1 else None
+            noisy = augment_audio(audio, seq.sample_rate, augment, rng, babble)
+            crops[row] = (seq, frames, noisy)
     num_frames = max(v.shape[0] for _, v, _ in crops)
     num_samples = max(len(a) for _, _, a in crops)
     num_vertices = crops[0][1].shape[1]

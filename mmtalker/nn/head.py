@@ -22,6 +22,10 @@ def fourier_features(uv: Tensor, bands: int) -> Tensor:
     return torch.cat([uv, angles.sin().flatten(-2), angles.cos().flatten(-2)], dim=-1)
 
 
+#: Scale of the last coefficient layer at initialisation, relative to PyTorch's default.
+INITIAL_SCALE = 0.02
+
+
 class UVRegressionHead(nn.Module):
     """Point basis (B, K, P·3) from UV + neutral position; coefficients (B, T, K) from motion."""
 
@@ -36,6 +40,15 @@ class UVRegressionHead(nn.Module):
             nn.Linear(hidden, basis * 3),
         )
         self.coefficients = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, basis))
+        # Training starts next to the neutral face: random coefficients times a random basis put
+        # ripples over the whole face that the first few hundred steps only spend unlearning.
+        # Not exactly at it (as FaceFormer's zeroed output layer is): with a zero last layer no
+        # gradient reaches the rest of the model until that layer has grown, which measurably
+        # slows the start; Adam's updates do not depend on the gradient's scale, so a small
+        # layer learns as fast as a full one.
+        with torch.no_grad():
+            self.coefficients[-1].weight.mul_(INITIAL_SCALE)
+            self.coefficients[-1].bias.zero_()
 
     def point_basis(self, uv: Tensor, neutral: Tensor) -> Tensor:
         """uv (P, 2) or (B, P, 2) and centred neutral positions (B, P, 3) → basis (B, K, P·3).

@@ -34,9 +34,22 @@ def test_predict_shapes_and_units(small_model: MMTalker, small_face: tuple) -> N
     assert torch.isfinite(out).all()
 
 
+def test_a_fresh_model_starts_next_to_the_neutral_face(
+    small_model: MMTalker, small_face: tuple
+) -> None:
+    # No ripples over the face at the start: displacements are a small fraction of the data's
+    # typical displacement (the model's unit).
+    batch = _batch(small_face[0])
+    out = small_model.eval().predict(batch.audio, 12, batch.templates)
+    assert 0 < out.abs().max() < 0.1 * small_model.displacement_scale
+
+
 def test_training_loss_reaches_every_part_and_the_sampler(
     small_model: MMTalker, small_face: tuple
 ) -> None:
+    # From the neutral start only the output layer learns at first; once it has moved (one
+    # optimiser step), the loss reaches every part.
+    torch.nn.init.normal_(small_model.head.coefficients[-1].weight, std=0.1)
     loss, logs = small_model.train().training_loss(_batch(small_face[0]), LossConfig(points=64))
     loss.backward()
     assert set(logs) >= {"loss", "position", "velocity", "coverage"}
