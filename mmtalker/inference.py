@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
@@ -21,6 +22,11 @@ import torch
 
 from mmtalker.errors import AudioError, AudioTooLongError, MMTalkerError
 from mmtalker.nn.base import AnimationModel
+
+if TYPE_CHECKING:
+    from mmtalker.checkpoint import Checkpoint
+    from mmtalker.data.sequence import Topology
+    from mmtalker.rig.rig import Rig
 
 
 @dataclass(frozen=True)
@@ -247,3 +253,118 @@ def animate(
             ramp = (torch.arange(1, blend + 1, dtype=torch.float32) / (blend + 1))[:, None, None]
             window[:blend] = torch.lerp(previous, window[:blend], ramp)
     return out.numpy()
+
+
+@dataclass(frozen=True)
+class Face:
+    """Who speaks: a neutral face on the model's mesh, a training speaker's index (-1: none),
+    and, for models that can animate the whole ICT head, that person's head (V_head, 3)."""
+
+    template: np.ndarray
+    speaker: int = -1
+    head: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Animation:
+    """Animated vertices, the mesh they are on, and the rig they can be solved against."""
+
+    vertices: np.ndarray
+    topology: Topology
+    rig: Rig | None
+
+
+def animate_face(
+    audio: np.ndarray,
+    face: Face,
+    checkpoint: Checkpoint,
+    *,
+    sample_rate: int = 16000,
+    chunk_seconds: float = 20.0,
+    device: str | torch.device = "cpu",
+) -> Animation:
+    """Animate ``face`` with a checkpoint: the whole head when the face has one, else the model's
+    own mesh; with the speaker's rig when the mesh is the ICT head's (for ARKit outputs)."""
+    model, topology = checkpoint.model, checkpoint.topology
+    options = dict(
+        sample_rate=sample_rate, model_sample_rate=checkpoint.sample_rate, fps=checkpoint.fps,
+        chunk_seconds=chunk_seconds, speaker=face.speaker, device=device,
+    )  # fmt: skip
+    if face.head is None:
+        vertices = animate(audio, face.template, model, **options)  # type: ignore[arg-type]
+        return Animation(vertices, topology, None)
+    from mmtalker.nn.mmtalker import PointSet
+    from mmtalker.rig.head import assemble, display_head, head_points, head_topology
+
+    head = display_head(topology)
+    uv, neutral = head_points(topology, face.head)
+    points = PointSet(
+        torch.from_numpy(uv).to(device), torch.from_numpy(neutral)[None].to(device)
+    )  # fmt: skip
+    moving = animate(audio, face.template, model, points=points, **options)  # type: ignore[arg-type]
+    vertices = assemble(topology, face.head, moving)
+    return Animation(vertices, head_topology(head), head.with_neutral(face.head))
+
+
+def resolve_face(
+    checkpoint: Checkpoint,
+    speaker: str | None = None,
+    template: str | Path | None = None,
+    identity: int | None = None,
+) -> Face:
+    """The face to animate: a training ``speaker`` (default the first), a neutral mesh file
+    (OBJ/PLY/NPY, on the model's mesh or, for models mapped onto the ICT head, the whole head),
+    or a random ICT person drawn by ``identity`` seed. Models that can be queried at any point of
+    their chart and are mapped onto the ICT head get the person's whole head too."""
+    given = {"speaker": speaker, "template": template, "identity": identity}
+    chosen = [name for name, value in given.items() if value is not None]
+    if len(chosen) > 1:
+        raise MMTalkerError(f"choose one face: {' and '.join(chosen)} were all given")
+    topology = checkpoint.topology
+    head = None
+    if topology.display is not None or identity is not None:
+        from mmtalker.rig.head import display_head
+
+        head = display_head(topology)
+    index = -1
+    if identity is not None and head is not None:
+        person = head.identity(identity).neutral
+    elif template is not None:
+        counts = (topology.num_vertices,) + (() if head is None else (head.num_vertices,))
+        person = _mesh_vertices(Path(template), counts)
+    else:
+        person, index = checkpoint.face(speaker)
+    if head is None:
+        return Face(person, index)
+    from mmtalker.rig.head import head_neutral, head_template
+
+    if len(person) == head.num_vertices:
+        whole, neutral = person, head_template(topology, person, head)
+    else:
+        whole, neutral = head_neutral(topology, person, head), person
+    return Face(neutral, index, whole if checkpoint.model.queries_points else None)
+
+
+def _mesh_vertices(path: Path, counts: tuple[int, ...]) -> np.ndarray:
+    """Vertex positions (V, 3) of a neutral mesh file whose vertex count is one of ``counts``."""
+    if not path.is_file():
+        raise MMTalkerError(f"template mesh not found: {path}")
+    try:
+        if path.suffix.lower() == ".npy":
+            vertices = np.load(path, allow_pickle=False)
+        else:
+            import trimesh
+
+            mesh = trimesh.load(path, force="mesh", process=False, maintain_order=True)
+            vertices = np.asarray(mesh.vertices)
+    except Exception as exc:  # trimesh and numpy raise many unrelated types for bad files
+        raise MMTalkerError(f"cannot read template mesh {path}: {exc}") from exc
+    vertices = np.asarray(vertices, np.float32)
+    if vertices.ndim != 2 or vertices.shape[1] != 3 or len(vertices) not in counts:
+        raise MMTalkerError(
+            f"{path} has vertices {vertices.shape}; a neutral head for this model needs "
+            f"{' or '.join(map(str, counts))} vertices in its topology's order"
+        )
+    if not np.isfinite(vertices).all():
+        raise MMTalkerError(f"{path} has NaN or infinite vertex positions")
+    return vertices

@@ -87,6 +87,22 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def ict_config() -> SynthConfig:
+    """The small ICT corpus of the tests: a 600-vertex face, four speakers, two sentences each."""
+    return SynthConfig(
+        face="ict", speakers=4, sentences_per_speaker=2, num_vertices=600, voice_mix=0.5
+    )
+
+
+@pytest.fixture(scope="session")
+def ict_corpus(tmp_path_factory: pytest.TempPathFactory, ict_config: SynthConfig) -> str:
+    """The corpus of ``ict_config``, made once per session (read-only for tests)."""
+    out = tmp_path_factory.mktemp("corpus") / "ict"
+    synthesize_corpus(ict_config, str(out))
+    return str(out)
+
+
 @pytest.fixture
 def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Standard AWS variables pointing at the moto server, for code that reads the environment."""

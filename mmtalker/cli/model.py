@@ -19,6 +19,7 @@ from mmtalker.eval.metrics import REPORTED, format_scores
 if TYPE_CHECKING:
     from mmtalker.checkpoint import Checkpoint
     from mmtalker.data.shards import Dataset
+    from mmtalker.inference import Face
 
 
 def _read_config(path: Path | None) -> dict[str, Any]:
@@ -169,31 +170,32 @@ def animate_file(
     audio: Path,
     out: Path,
     *,
-    speaker: str | None = None,
+    face: Face | None = None,
     formats: set[str] | None = None,
     chunk_seconds: float = 20.0,
     device: str = "cpu",
 ) -> str:
-    """Animate one audio file; write ``OUT.npz`` (+ ``.glb``, ``_obj/``); return a summary line."""
-    from mmtalker.inference import animate, load_audio
+    """Animate one audio file; write ``OUT.npz`` (+ ``.glb``, ``_obj/``, ``_arkit.csv/.json``);
+    return a summary line. ``face`` defaults to the first training speaker's."""
+    from mmtalker.inference import animate_face, load_audio, resolve_face
     from mmtalker.io.export import write_outputs
 
-    template, index = checkpoint.face(speaker)
     samples, rate = load_audio(audio)
     started = time.perf_counter()
-    vertices = animate(
-        samples, template, checkpoint.model.to(device), sample_rate=rate,
-        model_sample_rate=checkpoint.sample_rate, fps=checkpoint.fps, chunk_seconds=chunk_seconds,
-        speaker=index, device=device,
+    animation = animate_face(
+        samples, face or resolve_face(checkpoint), checkpoint, sample_rate=rate,
+        chunk_seconds=chunk_seconds, device=device,
     )  # fmt: skip
     elapsed = time.perf_counter() - started
     base = out.with_suffix("") if out.suffix in (".npz", ".glb") else out
     uris = write_outputs(
-        vertices, checkpoint.fps, checkpoint.model.topology, base, formats or {"npz"}
-    )
+        animation.vertices, checkpoint.fps, animation.topology, base, formats or {"npz"},
+        rig=animation.rig,
+    )  # fmt: skip
     seconds = len(samples) / rate
+    frames, vertices = animation.vertices.shape[:2]
     return (
-        f"wrote {', '.join(uris.values())}: {vertices.shape[0]} frames x {vertices.shape[1]} "
-        f"vertices for {seconds:.1f} s of audio in {elapsed:.2f} s "
-        f"({seconds / max(elapsed, 1e-9):.0f}x real time)"
+        f"wrote {', '.join(uris.values())}: {frames} frames x {vertices} vertices for "
+        f"{seconds:.1f} s of audio in {elapsed:.2f} s ({seconds / max(elapsed, 1e-9):.0f}x real "
+        "time)"
     )

@@ -16,16 +16,48 @@ REQUIRED_REGIONS = ("lips", "eyes", "upper_face", "face")
 
 
 @dataclass(frozen=True, eq=False)
+class DisplayMap:
+    """How this topology's surface sits in a larger display mesh (e.g. the full ICT head).
+
+    ``mesh`` names the display mesh (``ict_head``: :func:`mmtalker.rig.load_ict`). Its vertices
+    ``animated`` (P,) lie on this topology at ``triangles`` (P,) with ``barycentric`` (P, 3): a
+    model trained here animates them through its chart; the display mesh's other vertices stay
+    still. This topology's own vertex i lies on the display mesh at ``source_triangles[i]`` with
+    ``source_barycentric[i]``, which turns a display-mesh neutral head into this topology's.
+    """
+
+    mesh: str
+    animated: np.ndarray
+    triangles: np.ndarray
+    barycentric: np.ndarray
+    source_triangles: np.ndarray
+    source_barycentric: np.ndarray
+
+    def __post_init__(self) -> None:
+        p = len(self.animated)
+        if self.triangles.shape != (p,) or self.barycentric.shape != (p, 3):
+            raise TemplateError(
+                f"display map: {p} animated vertices need triangles ({p},) and barycentric "
+                f"({p}, 3), got {self.triangles.shape} and {self.barycentric.shape}"
+            )
+        if self.source_barycentric.shape != (*self.source_triangles.shape, 3):
+            raise TemplateError("display map: source triangles and barycentrics disagree")
+
+
+@dataclass(frozen=True, eq=False)
 class Topology:
     """Triangle faces shared by every mesh of a dataset, with named vertex regions and a UV chart.
 
     ``uv`` is the slot for the chart computed by ``mmtalker.geometry``; it is ``None`` until then.
+    ``display``, when set, places the topology in a larger mesh to animate (see
+    :class:`DisplayMap`).
     """
 
     faces: np.ndarray
     num_vertices: int
     regions: Mapping[str, np.ndarray]
     uv: np.ndarray | None = None
+    display: DisplayMap | None = None
     id: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -52,6 +84,11 @@ class Topology:
             uv = np.ascontiguousarray(self.uv, dtype=np.float32)
             if uv.shape != (self.num_vertices, 2):
                 raise TemplateError(f"uv must be ({self.num_vertices}, 2), got {uv.shape}")
+        if self.display is not None and len(self.display.source_triangles) != self.num_vertices:
+            raise TemplateError(
+                f"display map locates {len(self.display.source_triangles)} vertices, the "
+                f"topology has {self.num_vertices}"
+            )
         object.__setattr__(self, "faces", faces)
         object.__setattr__(self, "regions", regions)
         object.__setattr__(self, "uv", uv)
@@ -69,7 +106,7 @@ class Topology:
 
     def with_uv(self, uv: np.ndarray) -> Topology:
         """A copy of this topology carrying a UV chart."""
-        return Topology(self.faces, self.num_vertices, self.regions, uv)
+        return Topology(self.faces, self.num_vertices, self.regions, uv, self.display)
 
     def to_npz(self) -> bytes:
         """Serialise to an ``.npz`` payload (plain arrays only, loadable without pickle)."""
@@ -77,6 +114,10 @@ class Topology:
         arrays.update({f"region_{name}": idx for name, idx in self.regions.items()})
         if self.uv is not None:
             arrays["uv"] = self.uv
+        if self.display is not None:
+            arrays["display_mesh"] = np.array(self.display.mesh)
+            for name in _DISPLAY_ARRAYS:
+                arrays[f"display_{name}"] = getattr(self.display, name)
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **arrays)
         return buffer.getvalue()
@@ -92,9 +133,18 @@ class Topology:
                     if k.startswith("region_")
                 }
                 uv = data["uv"] if "uv" in data.files else None
-                return cls(data["faces"], int(data["num_vertices"]), regions, uv)
+                display = None
+                if "display_mesh" in data.files:
+                    display = DisplayMap(
+                        str(data["display_mesh"]),
+                        **{name: data[f"display_{name}"] for name in _DISPLAY_ARRAYS},
+                    )
+                return cls(data["faces"], int(data["num_vertices"]), regions, uv, display)
         except (OSError, KeyError, ValueError) as exc:
             raise DatasetError(f"topology payload is not a valid topology .npz: {exc}") from exc
+
+
+_DISPLAY_ARRAYS = ("animated", "triangles", "barycentric", "source_triangles", "source_barycentric")
 
 
 def _region_indices(name: str, indices: object, num_vertices: int) -> np.ndarray:

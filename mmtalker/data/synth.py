@@ -5,6 +5,13 @@ Speakers are split into train, val and test; the sentences are split too, and va
 only say sentences no training speaker says, so evaluation is on unseen voices, faces and text.
 Everything is deterministic by seed: each sequence draws from its own generator keyed by
 (seed, speaker, sentence), so results do not depend on generation order.
+
+Voices: with ``voice_mix`` > 0, that share of a *training* speaker's sentences is spoken by
+another espeak-ng voice from the training pool (any English voice and variant, random pitch and
+rate) so a model hears many voices, not eight; the Klatt-synthesiser variants (``+klatt``...)
+are never in that pool. ``voices`` replaces every speaker's voice by ones from a list, e.g.
+``espeak:en-us+klatt3`` or ``festival:slt`` (:mod:`mmtalker.data.festival`): with ``splits:
+[test]`` that re-voices the held-out speakers with an engine or synthesiser no model trained on.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ from pydantic import BaseModel, Field, model_validator
 
 from mmtalker.data import face as F
 from mmtalker.data import motion
-from mmtalker.data.espeak import EspeakSynthesizer
+from mmtalker.data.corpus_face import IDENTITY_SCALE, CorpusFace, IctFace, ProceduralFace
+from mmtalker.data.espeak import EspeakSynthesizer, Utterance
+from mmtalker.data.festival import FestivalSynthesizer
 from mmtalker.data.sequence import Sequence
 from mmtalker.data.shards import DatasetManifest, DatasetWriter
 from mmtalker.errors import DatasetError
@@ -30,6 +39,16 @@ Size = Literal["tiny", "demo", "bench"]
 
 _VARIANTS = ("m1", "f2", "m3", "f4", "m2", "f1", "m4", "f3", "m5", "f5", "m6", "m7")
 _BASE_VOICES = ("en-us", "en-gb", "en-us", "en-gb-scotland")
+#: espeak-ng variants that use its Klatt synthesiser: held out of every training voice pool so
+#: they can stand in for an unheard speech engine.
+KLATT_VARIANTS = ("klatt", "klatt2", "klatt3", "klatt4", "klatt5", "klatt6")
+#: Variants left out of the training pool besides Klatt: whispers carry no voicing at all.
+_EXCLUDED_VARIANTS = frozenset({*KLATT_VARIANTS, "whisper", "whisperf"})
+Split = Literal["train", "val", "test"]
+#: Vertices of the ICT head's full face area; ``num_vertices`` below it gives a coarse version.
+ICT_FACE_VERTICES = 9409
+#: Identity modes of the ICT head: each ICT speaker draws this many weights.
+ICT_IDENTITY_MODES = 100
 
 
 class SynthConfig(BaseModel):
@@ -40,16 +59,42 @@ class SynthConfig(BaseModel):
     test_speakers: int = Field(1, ge=1)
     sentences_per_speaker: int = Field(30, ge=1)
     heldout_sentences: float = Field(0.2, gt=0.0, lt=1.0)
-    num_vertices: int = Field(3000, ge=F.MIN_VERTICES, le=F.MAX_VERTICES)
+    #: ``ict``: the ICT head driven through ARKit (the face users see); ``procedural``: the
+    #: procedural face (quick, any resolution; unit tests).
+    face: Literal["procedural", "ict"] = "procedural"
+    #: Mesh vertices: the procedural face's resolution, or the ICT face area's (up to 9,409;
+    #: fewer gives a coarse version on the same surface).
+    num_vertices: int = Field(3000, ge=100, le=F.MAX_VERTICES)
     fps: float = Field(30.0, gt=0)
     sample_rate: int = Field(16000, ge=8000)
     seed: int = 0
     text_file: str | None = None
+    #: Share of each training speaker's sentences spoken by another voice of the training pool.
+    voice_mix: float = Field(0.0, ge=0.0, le=1.0)
+    #: Voices replacing every speaker's own (``espeak:VOICE[+VARIANT]`` or ``festival:NAME``),
+    #: one drawn per sentence; ``None`` keeps the speakers' voices.
+    voices: list[str] | None = None
+    #: The splits to synthesise (e.g. only ``test`` for a re-voiced evaluation set).
+    splits: list[Split] = ["train", "val", "test"]
 
     @model_validator(mode="after")
     def _enough_training_speakers(self) -> SynthConfig:
         if self.speakers - self.val_speakers - self.test_speakers < 1:
             raise ValueError("speakers must exceed val_speakers + test_speakers by at least one")
+        for voice in self.voices or []:
+            engine, _, name = voice.partition(":")
+            if engine not in ("espeak", "festival") or not name:
+                raise ValueError(f"voice {voice!r} must be espeak:VOICE[+VARIANT] or festival:NAME")
+        if not self.splits:
+            raise ValueError("splits is empty; name at least one of train, val, test")
+        low, high = (
+            (100, ICT_FACE_VERTICES) if self.face == "ict" else (F.MIN_VERTICES, F.MAX_VERTICES)
+        )
+        if not low <= self.num_vertices <= high:
+            raise ValueError(
+                f"num_vertices must be {low}..{high} for the {self.face} face, "
+                f"got {self.num_vertices}"
+            )
         return self
 
     @classmethod
@@ -59,7 +104,9 @@ class SynthConfig(BaseModel):
             # Seconds to make: enough for shape, shard and quick-training tests.
             "tiny": dict(speakers=7, sentences_per_speaker=12, num_vertices=1000),
             # Minutes of audio: the demo and the CI training runs.
-            "demo": dict(speakers=8, sentences_per_speaker=30, num_vertices=3000),
+            "demo": dict(
+                speakers=8, sentences_per_speaker=30, face="ict", num_vertices=2500, voice_mix=0.5
+            ),
             # Over an hour of audio from 12 speakers: where accuracy is measured.
             "bench": dict(
                 speakers=12,
@@ -67,7 +114,9 @@ class SynthConfig(BaseModel):
                 test_speakers=2,
                 sentences_per_speaker=160,
                 heldout_sentences=0.25,
+                face="ict",
                 num_vertices=2500,
+                voice_mix=0.5,
             ),
         }
         return cls(**{**presets[size], **overrides})
@@ -83,6 +132,8 @@ class Speaker(BaseModel):
     rate: int
     shape: F.FaceShape
     style: motion.SpeakingStyle
+    #: ICT identity weights (empty for the procedural face).
+    identity: list[float] = []
 
 
 def load_sentences(text_file: str | None = None) -> list[str]:
@@ -128,6 +179,15 @@ def make_speakers(config: SynthConfig) -> list[Speaker]:
                 rate=int(rng.integers(145, 196)),
                 shape=F.FaceShape.sample(rng),
                 style=motion.SpeakingStyle.sample(rng),
+                # Its own stream, so the other draws (and procedural corpora) stay as they were.
+                identity=(
+                    IDENTITY_SCALE
+                    * np.random.default_rng([config.seed, index, 3]).standard_normal(
+                        ICT_IDENTITY_MODES
+                    )
+                ).tolist()
+                if config.face == "ict"
+                else [],
             )
         )
     return speakers
@@ -150,6 +210,75 @@ def assign_sentences(
     return plan
 
 
+class VoiceChoice(BaseModel):
+    """Who speaks one sentence: ``engine:voice`` with espeak-ng's rate and pitch."""
+
+    voice: str
+    rate: int = 175
+    pitch: int = 50
+
+
+def choose_voice(
+    config: SynthConfig, speaker: Speaker, index: int, sentence: int, pool: list[str]
+) -> VoiceChoice:
+    """The voice of one sentence: the speaker's own, one of ``config.voices``, or (``voice_mix``)
+    another from the training ``pool``; deterministic in (seed, speaker, sentence)."""
+    rng = np.random.default_rng([config.seed, index, sentence + 1, 7])
+    if config.voices is not None:
+        voice = config.voices[int(rng.integers(len(config.voices)))]
+        return VoiceChoice(voice=voice, rate=speaker.rate, pitch=speaker.pitch)
+    if speaker.split == "train" and rng.random() < config.voice_mix:
+        voice = pool[int(rng.integers(len(pool)))]
+        return VoiceChoice(
+            voice=f"espeak:{voice}",
+            rate=int(rng.integers(130, 211)),
+            pitch=int(rng.integers(15, 86)),
+        )
+    return VoiceChoice(voice=f"espeak:{speaker.voice}", rate=speaker.rate, pitch=speaker.pitch)
+
+
+class Voices:
+    """The speech engines of a corpus: espeak-ng always, Festival when a voice asks for it."""
+
+    def __init__(self, sample_rate: int) -> None:
+        self.espeak = EspeakSynthesizer(sample_rate=sample_rate)
+        self.sample_rate = sample_rate
+        self._festival: FestivalSynthesizer | None = None
+
+    def espeak_pool(self) -> list[str]:
+        """Training voices: every English voice with every variant but Klatt and whispers."""
+        variants = sorted(self.espeak.variants() - _EXCLUDED_VARIANTS)
+        return [f"{base}+{variant}" for base in self.espeak.voices() for variant in variants]
+
+    def speak(self, texts: dict[int, str], choices: dict[int, VoiceChoice]) -> dict[int, Utterance]:
+        """Utterances of the texts, each by its chosen voice (Festival ones in one batch each)."""
+        spoken: dict[int, Utterance] = {}
+        by_festival_voice: dict[str, list[int]] = {}
+        for key, choice in choices.items():
+            engine, _, voice = choice.voice.partition(":")
+            if engine == "festival":
+                by_festival_voice.setdefault(voice, []).append(key)
+            else:
+                spoken[key] = self.espeak.synthesize(
+                    texts[key], voice=voice, rate=choice.rate, pitch=choice.pitch
+                )
+        for voice, keys in by_festival_voice.items():
+            if self._festival is None:
+                self._festival = FestivalSynthesizer(self.sample_rate)
+            for key, utterance in zip(
+                keys, self._festival.synthesize_many([texts[k] for k in keys], voice), strict=True
+            ):
+                spoken[key] = utterance
+        return spoken
+
+
+def corpus_face(config: SynthConfig) -> CorpusFace:
+    """The face model the corpus animates: the ICT head or the procedural face."""
+    if config.face == "ict":
+        return IctFace(config.num_vertices)
+    return ProceduralFace(config.num_vertices)
+
+
 def synthesize_corpus(
     config: SynthConfig,
     output: str,
@@ -160,40 +289,50 @@ def synthesize_corpus(
 ) -> DatasetManifest:
     """Generate the corpus into a dataset at ``output`` (local path or ``s3://``)."""
     sentences = load_sentences(config.text_file)
-    speakers = make_speakers(config)
-    plan = assign_sentences(config, speakers, len(sentences))
-    chart = F.make_chart(config.num_vertices)
-    neutral = {s.id: F.warp(chart, s.shape) for s in speakers}
-    tts = EspeakSynthesizer(sample_rate=config.sample_rate)
-    total = sum(len(v) for v in plan.values())
+    speakers = [s for s in make_speakers(config) if s.split in config.splits]
+    plan = assign_sentences(config, make_speakers(config), len(sentences))
+    face = corpus_face(config)
+    faces = {
+        s.id: face.speaker(s.shape, np.asarray(s.identity) if s.identity else None)
+        for s in speakers
+    }
+    neutral = {name: f.neutral for name, f in faces.items()}
+    voices = Voices(config.sample_rate)
+    total = sum(len(plan[s.id]) for s in speakers)
     extra = {
         "synth": config.model_dump(),
         "speakers": {s.id: s.model_dump(exclude={"id"}) for s in speakers},
         "sentences": {
-            f"sent{i:03d}": sentences[i] for i in sorted({i for v in plan.values() for i in v})
+            f"sent{i:03d}": sentences[i] for i in sorted({i for s in speakers for i in plan[s.id]})
         },
     }
+    suffix = "" if config.voices is None else "-" + "+".join(config.voices).replace(":", "-")
+    name = f"synthetic-{config.face}-{config.speakers}spk-{config.num_vertices}v-seed{config.seed}"
     writer = DatasetWriter(
         output,
-        name=f"synthetic-{config.speakers}spk-{config.num_vertices}v-seed{config.seed}",
+        name=name + suffix,
         source="synthetic",
-        topology=chart.topology(),
+        topology=face.topology,
         templates=neutral,
         fps=config.fps,
         sample_rate=config.sample_rate,
         overwrite=overwrite,
         extra=extra,
         s3=s3,
+        control_names=face.control_names,
     )
     done = 0
-    for index, speaker in enumerate(speakers):
-        shapes = motion.blendshapes(chart, speaker.shape, neutral[speaker.id])
+    index_of = {s.id: i for i, s in enumerate(make_speakers(config))}
+    for speaker in speakers:
+        index = index_of[speaker.id]
+        choices = {
+            sentence: choose_voice(config, speaker, index, sentence, voices.espeak_pool())
+            for sentence in plan[speaker.id]
+        }
+        spoken = voices.speak({k: sentences[k] for k in plan[speaker.id]}, choices)
         for sentence in plan[speaker.id]:
             rng = np.random.default_rng([config.seed, index, sentence + 1])
-            text = sentences[sentence]
-            utterance = tts.synthesize(
-                text, voice=speaker.voice, rate=speaker.rate, pitch=speaker.pitch
-            )
+            text, utterance = sentences[sentence], spoken[sentence]
             num_frames = math.ceil(utterance.duration * config.fps)
             curves = motion.channel_curves(
                 utterance.phonemes,
@@ -205,6 +344,7 @@ def synthesize_corpus(
                 text.rstrip().endswith("?"),
                 rng,
             )
+            vertices, controls = faces[speaker.id].frames(curves)
             writer.add(
                 Sequence(
                     sequence_id=f"{speaker.id}_sent{sentence:03d}",
@@ -213,8 +353,9 @@ def synthesize_corpus(
                     text=text,
                     audio=utterance.audio,
                     sample_rate=utterance.sample_rate,
-                    vertices=motion.animate(neutral[speaker.id], shapes, curves),
+                    vertices=vertices,
                     fps=config.fps,
+                    controls=controls,
                 ),
                 speaker.split,
             )

@@ -35,6 +35,9 @@ class AnimationModel(nn.Module):
     #: Whether every parameter gets a gradient from every training step; data-parallel
     #: wrappers must search for unused ones (a slower path) when not.
     all_parameters_used: ClassVar[bool] = True
+    #: Whether :meth:`prepare` takes any point set of the chart (``points``), not only the
+    #: training mesh's vertices: such models can animate other resolutions of the face.
+    queries_points: ClassVar[bool] = False
 
     def __init__(
         self, config: BaseModel, topology: Topology, templates: dict[str, np.ndarray]

@@ -70,6 +70,7 @@ class MMTalker(AnimationModel):
 
     kind = "mmtalker"
     config_class = MMTalkerConfig
+    queries_points = True
 
     def __init__(
         self, config: MMTalkerConfig, topology: Topology, templates: dict[str, np.ndarray]

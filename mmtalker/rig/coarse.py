@@ -122,6 +122,22 @@ def coarse_face(rig: Rig, num_vertices: int) -> CoarseFace:
     return CoarseFace(_interpolated_rig(face, on_fine, faces), rig, on_fine)
 
 
+def full_face(rig: Rig) -> CoarseFace:
+    """The face area of ``rig`` at its own resolution, as a :class:`CoarseFace` of itself."""
+    if FACE_PART not in rig.parts:
+        raise RigError(f"the rig has no {FACE_PART!r} part; it has {list(rig.parts)}")
+    face = rig.subset(FACE_PART)
+    # Each vertex is the corner of (the last listed) triangle using it: barycentric one-hot.
+    triangles = np.empty(face.num_vertices, dtype=np.int64)
+    corner = np.empty(face.num_vertices, dtype=np.int64)
+    count = np.arange(len(face.faces))
+    for k in range(3):
+        triangles[face.faces[:, k]] = count
+        corner[face.faces[:, k]] = k
+    bary = np.eye(3)[corner]
+    return CoarseFace(face, rig, SurfaceMap(face.faces, triangles, bary))
+
+
 class _MotionSpace:
     """Position plus weighted principal coordinates of expression motion, per vertex."""
 

@@ -123,6 +123,7 @@ def _animate_one(
 ) -> None:
     from mmtalker.checkpoint import load_checkpoint
     from mmtalker.cli.model import animate_file
+    from mmtalker.inference import resolve_face
 
     if (model is None) == (checkpoint is None):
         raise MMTalkerError("give --model NAME@ALIAS or --checkpoint DIR (one of them)")
@@ -136,7 +137,7 @@ def _animate_one(
 
         loaded = load(model or "", device=device)
     line = animate_file(
-        loaded, audio, out, speaker=speaker, formats={"npz", *formats},
+        loaded, audio, out, face=resolve_face(loaded, speaker), formats={"npz", *formats},
         chunk_seconds=chunk_seconds, device=device,
     )  # fmt: skip
     typer.echo(line)

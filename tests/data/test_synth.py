@@ -1,18 +1,23 @@
+import itertools
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from mmtalker.data.corpus_face import IctFace
 from mmtalker.data.shards import open_dataset
 from mmtalker.data.synth import (
     SynthConfig,
+    Voices,
     assign_sentences,
+    choose_voice,
     load_sentences,
     make_speakers,
     synthesize_corpus,
 )
 from mmtalker.errors import DatasetError
+from mmtalker.rig import ARKIT_NAMES, arkit_to_rig
 
 
 def test_tiny_corpus_has_speaker_splits_and_held_out_sentences(tiny_corpus: str) -> None:
@@ -86,3 +91,82 @@ def test_user_text_file(tmp_path: Path) -> None:
 def test_config_rejects_too_few_training_speakers() -> None:
     with pytest.raises(ValueError, match="exceed"):
         SynthConfig(speakers=3, val_speakers=2, test_speakers=1)
+
+
+def test_voice_mix_gives_training_speakers_other_voices_but_keeps_held_out_ones() -> None:
+    config = SynthConfig.preset("tiny", voice_mix=0.5)
+    speakers = make_speakers(config)
+    pool = Voices(config.sample_rate).espeak_pool()
+    assert len(pool) > 100
+    assert not any("klatt" in voice or "whisper" in voice for voice in pool)
+    for index, speaker in enumerate(speakers):
+        choices = [choose_voice(config, speaker, index, k, pool) for k in range(40)]
+        assert choices == [choose_voice(config, speaker, index, k, pool) for k in range(40)]
+        own = sum(c.voice == f"espeak:{speaker.voice}" for c in choices)
+        if speaker.split == "train":
+            assert 8 <= own <= 32  # about half the sentences in the speaker's own voice
+            assert len({c.voice for c in choices}) > 10
+        else:
+            assert own == 40  # held-out speakers are evaluated in their own voice
+
+
+def test_voices_override_revoices_only_the_chosen_splits(tmp_path: Path) -> None:
+    base = SynthConfig.preset("tiny", speakers=4, sentences_per_speaker=2)
+    voices = ["espeak:en-us+klatt3", "festival:kal"]
+    proxy = base.model_copy(update={"voices": voices, "splits": ["test"]})
+    synthesize_corpus(base, str(tmp_path / "a"))
+    synthesize_corpus(proxy, str(tmp_path / "b"))
+    original, revoiced = open_dataset(str(tmp_path / "a")), open_dataset(str(tmp_path / "b"))
+    assert set(revoiced.manifest.splits) == {"test"}
+    before = {s.sequence_id: s for s in original.sequences("test")}
+    after = {s.sequence_id: s for s in revoiced.sequences("test")}
+    assert sorted(before) == sorted(after)
+    speaker = next(iter(after.values())).speaker
+    np.testing.assert_array_equal(revoiced.templates[speaker], original.templates[speaker])
+    for key, seq in after.items():
+        # Same speaker, face and sentence; another voice, so other audio and timing.
+        assert seq.text == before[key].text
+        assert seq.audio.shape != before[key].audio.shape or not np.array_equal(
+            seq.audio, before[key].audio
+        )
+    with pytest.raises(ValueError, match="espeak:VOICE"):
+        SynthConfig(voices=["kal"])
+
+
+def test_ict_corpus_stores_arkit_weights_that_reproduce_its_vertices(ict_corpus: str) -> None:
+    ds = open_dataset(ict_corpus)
+    assert ds.manifest.control_names == list(ARKIT_NAMES)
+    rig = IctFace(600).rig
+    for seq in ds.sequences():
+        assert seq.controls is not None and seq.controls.shape == (seq.num_frames, 52)
+        assert seq.controls.min() >= 0 and seq.controls.max() <= 1
+        speaker_rig = rig.with_neutral(ds.templates[seq.speaker])
+        rebuilt = speaker_rig.compose(arkit_to_rig(seq.controls, rig.shape_names))
+        np.testing.assert_allclose(rebuilt, seq.vertices, atol=1e-6)
+        # Speech opens the jaw, blinks close the eyes, and no unused channel moves.
+        names = ds.manifest.control_names
+        assert seq.controls[:, names.index("jawOpen")].max() > 0.1
+        assert seq.controls[:, names.index("tongueOut")].max() == 0
+
+
+def test_ict_speakers_are_distinct_identities_on_one_topology(ict_corpus: str) -> None:
+    ds = open_dataset(ict_corpus)
+    assert ds.topology.num_vertices == 600
+    speakers = sorted(ds.templates)
+    # Faces differ by centimetres between people, not by rounding.
+    for a, b in itertools.pairwise(speakers):
+        assert np.abs(ds.templates[a] - ds.templates[b]).max() > 0.003
+    identities = {k: v["identity"] for k, v in ds.manifest.extra["speakers"].items()}
+    assert all(len(w) == 100 for w in identities.values())
+    assert set(ds.manifest.splits["test"].speakers).isdisjoint(ds.manifest.splits["train"].speakers)
+
+
+def test_ict_corpus_is_deterministic(
+    ict_corpus: str, ict_config: SynthConfig, tmp_path: Path
+) -> None:
+    again = synthesize_corpus(ict_config, str(tmp_path / "again"))
+    assert [s.sha256 for s in again.shards] == [
+        s.sha256 for s in open_dataset(ict_corpus).manifest.shards
+    ]
+    with pytest.raises(ValueError, match="9409"):
+        SynthConfig(face="ict", num_vertices=20000)
