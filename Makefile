@@ -30,16 +30,23 @@ $(STAMP): pyproject.toml
 
 # Synthesise the demo corpus, train on it with Ray Train (2 workers), register, list versions,
 # then animate a small catalog of speech clips with the champion (jobs/animate.yaml) and render
-# a preview video of one of them.
+# a preview video of one of them. Quiet: a line per stage and per epoch, Ray's and the
+# libraries' own logs in $(WORK)/logs (paths printed); `make demo VERBOSE=1` shows them here.
 # Each demo is a fresh run: the previous one's Ray Train state would make the job a finished one.
+demo: export MMTALKER_VERBOSE = $(if $(VERBOSE),1,0)
 demo: setup
-	$(BIN)/mmtalker data synth --out $(WORK)/datasets/demo --overwrite
-	rm -rf $(WORK)/ray_results/demo
-	$(BIN)/mmtalker run jobs/train.yaml
-	$(BIN)/mmtalker models list
-	$(BIN)/mmtalker data clips --out $(WORK)/catalogs/demo --count 12
-	$(BIN)/mmtalker run jobs/animate.yaml
-	$(BIN)/mmtalker render $(WORK)/animations/demo/clip_00000.npz \
+	@echo "== 1/5 the demo corpus: $(WORK)/datasets/demo"
+	@$(BIN)/mmtalker data synth --out $(WORK)/datasets/demo --overwrite
+	@rm -rf $(WORK)/ray_results/demo
+	@echo "== 2/5 training (jobs/train.yaml)"
+	@$(BIN)/mmtalker run jobs/train.yaml
+	@echo "== 3/5 registered versions"
+	@$(BIN)/mmtalker models list
+	@echo "== 4/5 animating a catalog of clips with mmtalker@champion (jobs/animate.yaml)"
+	@$(BIN)/mmtalker data clips --out $(WORK)/catalogs/demo --count 12
+	@$(BIN)/mmtalker run jobs/animate.yaml
+	@echo "== 5/5 a preview video"
+	@$(BIN)/mmtalker render $(WORK)/animations/demo/clip_00000.npz \
 		--audio $(WORK)/catalogs/demo/clip_00000.wav -o $(WORK)/previews/demo.mp4 \
 		--still $(WORK)/previews/demo.png
 

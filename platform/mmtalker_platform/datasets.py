@@ -2,8 +2,8 @@
 
 The driver builds one Ray Dataset per split from the shard files (local or s3://); rows are
 decoded to arrays in ``map_batches`` on the cluster, and Ray Train's streaming split hands each
-worker an equal share, so no process ever holds the corpus. Each epoch re-reads the shards in a
-new block order through a local shuffle buffer; workers then sort pools of rows by length
+worker an equal share, so no process ever holds the corpus. Each epoch takes the blocks in a new
+order; workers shuffle rows in a buffer of references, then sort pools of rows by length
 before cutting batches, which keeps padding small.
 """
 
@@ -98,19 +98,44 @@ def epoch_batches(
 ) -> Iterator[list[Sequence]]:
     """One epoch of a worker's shard as batches of similar-length sequences, in random order.
 
+    Rows arrive as whole blocks (block order is shuffled per epoch); ``shuffle_buffer`` rows
+    beyond a pool are held back, and each pool of ``LENGTH_POOL_BATCHES`` batches is drawn at
+    random from what is held, sorted by length and cut into batches. Ray Data's own local
+    shuffle buffer would copy every drawn row's arrays (megabytes of vertices each) on a
+    background thread that competes with training for the worker's CPU; drawing references
+    here copies nothing.
+
     Equal shards give every worker the same number of batches, which DDP needs: each step is
-    a collective, and a worker with one batch more would wait for the others forever.
+    a collective, and a worker with one batch more would wait for the others forever. Pools
+    are full but for the last, so equal row counts give equal batch counts.
     """
     rng = np.random.default_rng(seed)
-    for rows in shard.iter_batches(
-        batch_size=batch_size * LENGTH_POOL_BATCHES,
-        batch_format="numpy",
-        local_shuffle_buffer_size=shuffle_buffer or None,
-        local_shuffle_seed=seed,
-    ):
-        groups = similar_length_groups(rows_to_sequences(rows), batch_size)
-        for index in rng.permutation(len(groups)):
-            yield groups[index]
+    pool = batch_size * LENGTH_POOL_BATCHES
+    held: list[Sequence] = []
+    for rows in shard.iter_batches(batch_size=None, batch_format="numpy"):
+        held += rows_to_sequences(rows)
+        while len(held) >= pool + shuffle_buffer:
+            yield from _shuffled_groups(_draw(held, pool, rng), batch_size, rng)
+    while held:
+        yield from _shuffled_groups(_draw(held, min(pool, len(held)), rng), batch_size, rng)
+
+
+def _draw(held: list[Sequence], count: int, rng: np.random.Generator) -> list[Sequence]:
+    """Remove ``count`` random items from ``held`` (order of the rest does not matter)."""
+    drawn = []
+    for _ in range(count):
+        index = int(rng.integers(len(held)))
+        held[index], held[-1] = held[-1], held[index]
+        drawn.append(held.pop())
+    return drawn
+
+
+def _shuffled_groups(
+    pool: list[Sequence], batch_size: int, rng: np.random.Generator
+) -> Iterator[list[Sequence]]:
+    groups = similar_length_groups(pool, batch_size)
+    for index in rng.permutation(len(groups)):
+        yield groups[index]
 
 
 def measure_displacement_scale(data: ray.data.Dataset, templates: dict[str, np.ndarray]) -> float:

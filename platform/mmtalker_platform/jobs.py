@@ -19,8 +19,9 @@ from typing import Any
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from mmtalker.errors import MMTalkerError
-from mmtalker_platform.settings import PlatformSettings
-from mmtalker_platform.spec import JobSpec, TrainJobSpec, load_spec
+from mmtalker_platform.redaction import redact_text
+from mmtalker_platform.settings import PlatformSettings, relative_path
+from mmtalker_platform.spec import JobSpec, load_spec
 
 #: Seconds between status checks when the log stream ends before the job does.
 POLL_SECONDS = 2.0
@@ -59,10 +60,15 @@ def submit(
     """Submit a spec from the current directory; stream its logs and return its final status.
 
     With ``wait`` false, returns the submission id as soon as the cluster accepted the job.
+    Everything echoed (the job's own log lines included) has credentials redacted.
     """
     settings = settings or PlatformSettings()
     spec = load_spec(spec_path)
     working_dir = Path.cwd()
+
+    def say(text: str) -> None:
+        echo(redact_text(text))
+
     try:
         relative = spec_path.resolve().relative_to(working_dir)
     except ValueError:
@@ -70,16 +76,11 @@ def submit(
             f"{spec_path} is outside the working directory {working_dir}, which is what gets "
             "uploaded; run mmtalker submit from the project folder"
         ) from None
-    locations = (
-        {"data": spec.data}
-        if isinstance(spec, TrainJobSpec)
-        else {"catalog": spec.catalog, "output": spec.output, "checkpoint": spec.checkpoint}
-    )
-    for field, uri in locations.items():
-        if uri is not None and "://" not in uri and not Path(uri).is_absolute():
+    for field, uri in {**spec.inputs(), **spec.outputs()}.items():
+        if uri is not None and relative_path(uri) is not None:
             raise JobError(
                 f"{field} {uri!r} is relative to this machine's folder, which the job does not "
-                "run in; give an absolute path the cluster can read, or an s3:// URI"
+                "run in; give an absolute path the cluster can reach, or a URI (s3://...)"
             )
     os.environ.setdefault("RAY_AUTH_MODE", settings.ray_auth_mode)
     url = address or settings.ray_dashboard
@@ -92,14 +93,14 @@ def submit(
             entrypoint_num_cpus=spec.ray.entrypoint_num_cpus,
         )
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise JobError(f"cannot submit to the Ray cluster at {url}: {exc}") from exc
-    echo(f"submitted {submission_id} to {url}")
+        raise JobError(redact_text(f"cannot submit to the Ray cluster at {url}: {exc}")) from exc
+    say(f"submitted {submission_id} to {url}")
     if not wait:
         return submission_id
     try:
-        asyncio.run(_stream_logs(client, submission_id, echo))
+        asyncio.run(_stream_logs(client, submission_id, say))
     except (OSError, RuntimeError) as exc:  # aiohttp's errors derive from these
-        echo(f"log stream interrupted ({exc}); waiting for the job to end")
+        say(f"log stream interrupted ({exc}); waiting for the job to end")
     status = client.get_job_status(submission_id)
     while not status.is_terminal():
         time.sleep(POLL_SECONDS)

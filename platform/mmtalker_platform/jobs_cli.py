@@ -12,24 +12,45 @@ from mmtalker.eval.metrics import format_scores
 
 def run_command(
     spec: Annotated[Path, typer.Argument(help="Job spec YAML, e.g. jobs/train.yaml.")],
-) -> None:
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", envvar="MMTALKER_VERBOSE",
+            help="Show Ray's and the libraries' own logs here (else they go to a file).",
+        ),
+    ] = False,
+) -> None:  # fmt: skip
     """Run a job spec on the current Ray cluster (RAY_ADDRESS, else a local one)."""
     from mmtalker_platform.animate_cli import run_batch
+    from mmtalker_platform.cluster import session_logs
+    from mmtalker_platform.console import route_logs
+    from mmtalker_platform.redaction import redact_text
+    from mmtalker_platform.settings import PlatformSettings
     from mmtalker_platform.spec import AnimateJobSpec, load_spec
     from mmtalker_platform.train import run_training
 
     job = load_spec(spec)
+    settings = PlatformSettings(verbose=verbose)
+    for field, location in job.outputs().items():
+        if location is not None:
+            settings.check_durable(location, field)
+    logs = route_logs(settings, job.name)
+    if logs is not None:
+        typer.echo(f"logs         {logs} (--verbose shows them here)")
     if isinstance(job, AnimateJobSpec):
         run_batch(job)
         return
-    outcome = run_training(job)
+    outcome = run_training(job, settings)
     version = outcome.version
     typer.echo(
         f"run {outcome.run_id}: {outcome.epochs} epochs, {outcome.resumes} resumes; registered "
         f"{version.name} version {version.version} ({', '.join(version.aliases) or 'no alias'})"
     )
     scores = {k.removeprefix("test_"): v for k, v in outcome.test_metrics.items()}
-    typer.echo("test  " + format_scores(scores))
+    typer.echo(f"test  {format_scores(scores)}  (on {version.tested_on})")
+    typer.echo(f"MLflow       {redact_text(outcome.tracking_uri)} (run {outcome.run_id})")
+    typer.echo(f"checkpoint   {outcome.checkpoint}")
+    typer.echo(f"Ray's logs   {session_logs()} (workers and actors)")
 
 
 def submit_command(

@@ -31,7 +31,10 @@ def _uri(tracking_uri: str | None) -> str:
 
 
 def _table(infos: list[ModelVersionInfo]) -> str:
-    header = ["name", "version", "aliases", *(REPORTED[k][0] for k in COLUMNS), "run", "created"]
+    header = [
+        "name", "version", "aliases", *(REPORTED[k][0] for k in COLUMNS), "tested on", "run",
+        "created",
+    ]  # fmt: skip
     rows = [
         [
             info.name,
@@ -41,6 +44,7 @@ def _table(infos: list[ModelVersionInfo]) -> str:
                 f"{info.metrics[k] * REPORTED[k][1]:.3f}" if k in info.metrics else "-"
                 for k in COLUMNS
             ),
+            str(info.tested_on or "-"),
             (info.run_id or "-")[:8],
             info.created.astimezone().strftime("%Y-%m-%d %H:%M"),
         ]
@@ -62,7 +66,8 @@ def list_command(
     name: Annotated[str | None, typer.Argument(help="Registered model (default: all).")] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """List model versions, newest first, with aliases and test metrics."""
+    """List model versions, newest first: aliases, test metrics and the test set they were
+    measured on (dataset name @ fingerprint; champion only moves within one)."""
     from mmtalker_platform.registry import list_versions
 
     uri = _uri(tracking_uri)

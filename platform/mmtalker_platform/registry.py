@@ -1,12 +1,15 @@
 """The MLflow Model Registry of MMTalker checkpoints: register, list, resolve, promote, load.
 
 A version's files are a checkpoint folder logged as plain run artifacts under ``model/`` (no
-pickled code, no MLflow flavour); its test metrics are version tags ``metric.<name>`` so a
-listing needs no run lookups. References: ``NAME`` (latest), ``NAME@ALIAS``, ``NAME/VERSION``.
+pickled code, no MLflow flavour); its test metrics are version tags ``metric.<name>`` and the
+test set they were measured on ``dataset.name``/``dataset.fingerprint``, so a listing needs no
+run lookups. References: ``NAME`` (latest), ``NAME@ALIAS``, ``NAME/VERSION``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 import tempfile
@@ -22,12 +25,14 @@ from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
 from mmtalker.checkpoint import Checkpoint, load_checkpoint
+from mmtalker.data.shards import DatasetManifest
 from mmtalker.errors import MMTalkerError
 from mmtalker_platform.settings import PlatformSettings
 from mmtalker_platform.tracking import filter_literal, log_artifacts, sqlite_path
 
 MODEL_PATH = "model"
 METRIC_TAG = "metric."
+DATASET_TAG = "dataset."
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 _REF = re.compile(r"(?:models:/)?(?P<name>[^@/:]+)(?:@(?P<alias>[\w-]+)|/(?P<version>[1-9]\d*))?")
@@ -37,14 +42,37 @@ class RegistryError(MMTalkerError):
     """A malformed or unknown model reference, an invalid name or alias, or no store to ask."""
 
 
+class EvaluationSet(BaseModel):
+    """What test metrics were measured on: a dataset's name and a fingerprint of its test split
+    (shards, templates and topology), so only scores on the same data are compared."""
+
+    name: str
+    fingerprint: str
+
+    @classmethod
+    def of(cls, manifest: DatasetManifest, split: str = "test") -> EvaluationSet:
+        """The test set of a dataset, from its manifest's checksums."""
+        content = {
+            "shards": sorted(s.sha256 for s in manifest.shards if s.split == split),
+            "templates": manifest.templates.sha256,
+            "topology": manifest.topology.model_dump(mode="json"),
+        }
+        digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+        return cls(name=manifest.name, fingerprint=digest[:12])
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.fingerprint}"
+
+
 class ModelVersionInfo(BaseModel):
-    """One registered model version with its aliases and test metrics."""
+    """One registered model version with its aliases, test metrics and what it was tested on."""
 
     name: str
     version: int
     run_id: str | None
     aliases: list[str]
     metrics: dict[str, float]
+    tested_on: EvaluationSet | None
     source: str
     created: datetime
 
@@ -67,12 +95,14 @@ def register(
     checkpoint_dir: str | Path,
     name: str,
     metrics: Mapping[str, float],
+    tested_on: EvaluationSet | None = None,
     better: str = "lve",
 ) -> ModelVersionInfo:
     """Log a checkpoint folder to the run and register it as a new version of ``name``.
 
-    The new version becomes ``candidate``; it becomes ``champion`` too when there is none or
-    its ``better`` metric (lower is better) beats the champion's.
+    The new version becomes ``candidate``; it becomes ``champion`` too when there is none, or
+    when the champion was tested on the same ``tested_on`` set and the new ``better`` metric
+    (lower is better) beats it. Scores on other or unknown data never move the champion.
     """
     if better not in metrics:
         raise RegistryError(
@@ -86,12 +116,22 @@ def register(
         name,
         source=f"{client.get_run(run_id).info.artifact_uri}/{MODEL_PATH}",
         run_id=run_id,
-        tags={f"{METRIC_TAG}{key}": str(float(value)) for key, value in metrics.items()},
+        tags={
+            **{f"{METRIC_TAG}{key}": str(float(value)) for key, value in metrics.items()},
+            **(
+                {f"{DATASET_TAG}{key}": value for key, value in tested_on.model_dump().items()}
+                if tested_on
+                else {}
+            ),
+        },
     )
     client.set_registered_model_alias(name, CANDIDATE, created.version)
     champion = client.get_registered_model(name).aliases.get(CHAMPION)
-    if champion is None or _beats(
-        metrics[better], _metrics(client.get_model_version(name, str(champion))).get(better)
+    current = None if champion is None else client.get_model_version(name, str(champion))
+    if current is None or (
+        tested_on is not None
+        and _tested_on(current) == tested_on
+        and _beats(metrics[better], _metrics(current).get(better))
     ):
         client.set_registered_model_alias(name, CHAMPION, created.version)
     return _info(created, client.get_registered_model(name))
@@ -229,6 +269,7 @@ def _info(version: ModelVersion, model: RegisteredModel) -> ModelVersionInfo:
         run_id=version.run_id,
         aliases=sorted(a for a, v in model.aliases.items() if int(v) == number),
         metrics=_metrics(version),
+        tested_on=_tested_on(version),
         source=version.source,
         created=datetime.fromtimestamp(version.creation_timestamp / 1000, tz=UTC),
     )
@@ -240,6 +281,20 @@ def _metrics(version: ModelVersion) -> dict[str, float]:
         for key, value in version.tags.items()
         if key.startswith(METRIC_TAG)
     }
+
+
+def _tested_on(version: ModelVersion) -> EvaluationSet | None:
+    # Versions registered before test sets were recorded have none: nothing compares to them.
+    fields = {
+        key.removeprefix(DATASET_TAG): value
+        for key, value in version.tags.items()
+        if key.startswith(DATASET_TAG)
+    }
+    return (
+        EvaluationSet.model_validate(fields)
+        if fields.keys() == EvaluationSet.model_fields.keys()
+        else None
+    )
 
 
 def _beats(new: float, current: float | None) -> bool:

@@ -101,6 +101,17 @@ class TrainJobSpec(_Strict):
             raise ValueError("train.time_budget_s is for single-process training; use epochs")
         return self
 
+    def inputs(self) -> dict[str, str | None]:
+        """Locations the job reads, by spec field."""
+        return {"data": self.data}
+
+    def outputs(self) -> dict[str, str | None]:
+        """Locations the job writes results to, by spec field (None: the settings' default)."""
+        return {
+            "checkpoint.storage": self.checkpoint.storage,
+            "mlflow.tracking_uri": self.mlflow.tracking_uri,
+        }
+
 
 class ModelChoice(_Strict):
     """Which model animates: a registered version, or a checkpoint folder instead."""
@@ -149,7 +160,18 @@ class AnimateJobSpec(ModelChoice):
     batch_size: int = Field(16, ge=1)
     #: Longer audio is animated in chunks of this length (bounds memory).
     chunk_seconds: float = Field(20.0, gt=2)
+    #: Locations the job may read and write (s3:// prefixes, absolute paths), manifest rows
+    #: included; empty: anywhere. Jobs submitted through Serve get its job_prefixes.
+    allowed_prefixes: list[str] = []
     ray: RaySpec = RaySpec()
+
+    def inputs(self) -> dict[str, str | None]:
+        """Locations the job reads, by spec field."""
+        return {"catalog": self.catalog, "checkpoint": self.checkpoint}
+
+    def outputs(self) -> dict[str, str | None]:
+        """Locations the job writes results to, by spec field."""
+        return {"output": self.output}
 
 
 JobSpec = TrainJobSpec | AnimateJobSpec

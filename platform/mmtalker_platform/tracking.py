@@ -176,6 +176,19 @@ def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[start : start + size]
 
 
+def metrics_at(
+    tracking_uri: str, run_id: str, step: int, keys: tuple[str, ...]
+) -> dict[str, float]:
+    """The values of ``keys`` logged at ``step`` (keys not logged there are left out)."""
+    client = MlflowClient(tracking_uri)
+    return {
+        key: metric.value
+        for key in keys
+        for metric in client.get_metric_history(run_id, key)
+        if metric.step == step
+    }
+
+
 def metric_steps(tracking_uri: str, run_id: str, key: str) -> list[int]:
     """The steps at which ``key`` was logged in a run (empty if never)."""
     history = MlflowClient(tracking_uri).get_metric_history(run_id, key)

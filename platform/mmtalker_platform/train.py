@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import math
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 import ray.train
 import ray.train.torch
 import torch
 import yaml
+from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
 from mmtalker import storage
@@ -34,13 +39,19 @@ from mmtalker.storage import S3Settings
 from mmtalker.training import Trainer, evaluate, model_for_dataset, training_templates
 from mmtalker_platform import registry, tracking
 from mmtalker_platform.cluster import check_capacity, connect
+from mmtalker_platform.console import stage
 from mmtalker_platform.datasets import epoch_batches, measure_displacement_scale, read_split
-from mmtalker_platform.registry import ModelVersionInfo
+from mmtalker_platform.redaction import redact
+from mmtalker_platform.registry import EvaluationSet, ModelVersionInfo
 from mmtalker_platform.settings import PlatformSettings
 from mmtalker_platform.spec import TrainJobSpec
 
 MODEL_DIR = "model"
 STATE_FILE = "trainer.pt"
+#: How often the driver looks in MLflow for epochs the workers finished.
+EPOCH_POLL_SECONDS = 1.0
+#: Metrics of an epoch's progress line.
+EPOCH_LINE = ("train_loss", "train_frames_per_s", "val_lve")
 
 
 class TrainingError(MMTalkerError):
@@ -48,7 +59,8 @@ class TrainingError(MMTalkerError):
 
 
 class WorkerConfig(BaseModel):
-    """What every worker gets: the spec plus what the driver resolved for it."""
+    """What every worker gets: the spec (redacted: Ray shows it on its dashboard) plus what the
+    driver resolved for it."""
 
     spec: TrainJobSpec
     tracking_uri: str
@@ -57,9 +69,11 @@ class WorkerConfig(BaseModel):
 
 
 class TrainingOutcome(BaseModel):
-    """The result of a training job: its MLflow run, test metrics and registered version."""
+    """The result of a training job: its MLflow run, checkpoint, test metrics and version."""
 
     run_id: str
+    tracking_uri: str
+    checkpoint: str
     epochs: int
     resumes: int
     test_metrics: dict[str, float]
@@ -93,29 +107,34 @@ def train_loop(raw: dict[str, Any]) -> None:
     speaker_index = {name: i for i, name in enumerate(model.speakers)}
     rng = np.random.default_rng([spec.train.seed, epoch, rank])
     while epoch < spec.train.epochs:
-        # Summed over workers: loss, batches, real frames trained.
-        totals = torch.zeros(3, dtype=torch.float64)
-        started = time.perf_counter()
+        # Summed over workers: loss, batches, real frames trained, CPU seconds (all threads of
+        # the worker: data loading included, waiting for a busy machine not).
+        totals = torch.zeros(4, dtype=torch.float64)
+        started, cpu_started = time.perf_counter(), time.process_time()
         seed = spec.train.seed * 1_000_003 + epoch * 1009 + rank
         # Distinct per rank and epoch: replicas must draw different surface points and dropout
         # masks, and a resumed run must not replay the first epoch's draws.
         torch.manual_seed(seed)
         for group in epoch_batches(shard, spec.train.batch_size, spec.shuffle_buffer, seed):
-            batch = collate(group, templates, speaker_index, spec.train.max_frames, rng)
-            totals += torch.tensor([trainer.step(batch)["loss"], 1, batch.frame_lengths.sum()])
+            batch = collate(
+                group, templates, speaker_index, spec.train.max_frames, rng, spec.train.augment
+            )
+            totals[:3] += torch.tensor([trainer.step(batch)["loss"], 1, batch.frame_lengths.sum()])
             step += 1
         seconds = time.perf_counter() - started
+        totals[3] = time.process_time() - cpu_started
         if torch.distributed.is_initialized():
             # NCCL only reduces tensors on the GPU; gloo takes them where they are.
             totals = totals.to(trainer.device)
             torch.distributed.all_reduce(totals)
             totals = totals.cpu()
         epoch += 1
-        loss_sum, batches, frames = totals.tolist()
+        loss_sum, batches, frames, cpu_seconds = totals.tolist()
         metrics: dict[str, float] = {
             "epoch": epoch, "step": step, "resumes": resumes,
             "train_loss": loss_sum / batches if batches else float("nan"),
             "epoch_seconds": seconds, "train_frames_per_s": frames / seconds,
+            "train_frames_per_cpu_s": frames / cpu_seconds,
         }  # fmt: skip
         if rank != 0:
             ray.train.report(metrics)
@@ -126,12 +145,6 @@ def train_loop(raw: dict[str, Any]) -> None:
             )
             metrics.update({f"val_{k}": float(v) for k, v in scores.as_dict().items()})
         tracking.log_metrics(config.tracking_uri, config.run_id, metrics, step=epoch)
-        print(
-            f"epoch {epoch}/{spec.train.epochs}: train loss {metrics['train_loss']:.4f}, "
-            f"{metrics['train_frames_per_s']:.0f} frames/s"
-            + (f", val LVE {metrics['val_lve'] * 1e5:.3f}e-5" if "val_lve" in metrics else ""),
-            flush=True,
-        )
         with tempfile.TemporaryDirectory() as directory:
             _save(Path(directory), trainer, dataset, templates, epoch, step, resumes, spec.name)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
@@ -178,52 +191,69 @@ def _run_config(spec: TrainJobSpec, settings: PlatformSettings) -> ray.train.Run
     )
 
 
-def _scaling(spec: TrainJobSpec) -> ray.train.ScalingConfig:
+def _worker_resources(spec: TrainJobSpec) -> dict[str, float]:
     scaling = spec.scaling
     resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = 1
+    return resources
+
+
+def _scaling(spec: TrainJobSpec) -> ray.train.ScalingConfig:
     return ray.train.ScalingConfig(
-        num_workers=scaling.workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+        num_workers=spec.scaling.workers,
+        use_gpu=spec.scaling.use_gpu,
+        resources_per_worker=_worker_resources(spec),
     )
 
 
 def run_training(spec: TrainJobSpec, settings: PlatformSettings | None = None) -> TrainingOutcome:
-    """Run a training job on the current Ray cluster: train, test, register."""
+    """Run a training job on the current Ray cluster: train, test, register.
+
+    Prints a line per stage and per epoch (read from MLflow as the workers log them).
+    Whatever the job records (run params, ``job/train.yaml``, the workers' config) is the
+    spec with its credentials redacted.
+    """
     settings = settings or PlatformSettings()
     if "://" not in spec.data:
         # Workers do not run in the driver's directory; across nodes a local path must be on
         # a shared filesystem (or the data on s3://) anyway.
         spec = spec.model_copy(update={"data": str(Path(spec.data).resolve())})
+    # Where results go is settled first: a location that cannot keep them fails before Ray starts.
+    tracking_uri = spec.mlflow.tracking_uri or settings.tracking_uri
+    run_config = _run_config(spec, settings)
     connect(settings)
-    check_capacity(spec.scaling.workers, spec.scaling.cpus_per_worker)
+    check_capacity(_worker_resources(spec), spec.scaling.workers, streams_data=not spec.cache_data)
     dataset = open_dataset(spec.data, settings.s3)
     if "test" not in dataset.manifest.splits:
         raise TrainingError(f"{spec.data} has no test split to score the trained model on")
-    tracking_uri = spec.mlflow.tracking_uri or settings.tracking_uri
     experiment = tracking.prepare_tracking(tracking_uri, spec.mlflow.experiment)
-    run_id, _ = tracking.start_or_resume_run(
-        tracking_uri, experiment, spec.name, spec.model_dump(mode="json")
-    )
+    record = redact(spec)
+    run_id, _ = tracking.start_or_resume_run(tracking_uri, experiment, spec.name, record)
     with tempfile.TemporaryDirectory() as directory:
-        resolved = spec.model_dump(mode="json")
-        (Path(directory) / "train.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        (Path(directory) / "train.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
         tracking.log_artifacts(tracking_uri, run_id, directory, "job")
-    train_data = read_split(dataset, "train", settings.s3, cache=spec.cache_data)
-    scale = measure_displacement_scale(train_data, training_templates(dataset))
+    with stage(f"reading the training split of {spec.data}"):
+        train_data = read_split(dataset, "train", settings.s3, cache=spec.cache_data)
+        scale = measure_displacement_scale(train_data, training_templates(dataset))
     backend = "nccl" if spec.scaling.use_gpu else "gloo"
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config=WorkerConfig(
-            spec=spec, tracking_uri=tracking_uri, run_id=run_id, displacement_scale=scale
+            spec=record, tracking_uri=tracking_uri, run_id=run_id, displacement_scale=scale
         ).model_dump(mode="json"),
         torch_config=ray.train.torch.TorchConfig(backend=backend),
         scaling_config=_scaling(spec),
-        run_config=_run_config(spec, settings),
+        run_config=run_config,
         datasets={"train": train_data},
     )
+    click.echo(
+        f"training {spec.name!r}: {spec.train.epochs} epochs on {spec.scaling.workers} "
+        f"worker(s), MLflow run {run_id}"
+    )
     try:
-        result = trainer.fit()
+        with _epoch_lines(tracking_uri, run_id, spec.train.epochs):
+            result = trainer.fit()
     except Exception as exc:
         tracking.finish_run(tracking_uri, run_id, "FAILED")
         raise TrainingError(f"training job {spec.name!r} failed: {exc}") from exc
@@ -238,7 +268,10 @@ def run_training(spec: TrainJobSpec, settings: PlatformSettings | None = None) -
             f"job {spec.name!r} had already trained all {spec.train.epochs} epochs; nothing "
             "was trained or registered. Use a new name, or raise train.epochs to continue it"
         )
-    with result.checkpoint.as_directory() as directory:
+    with (
+        stage("testing on the test split and registering"),
+        result.checkpoint.as_directory() as directory,
+    ):
         model_dir = Path(directory) / MODEL_DIR
         try:
             model = load_checkpoint(model_dir).model
@@ -247,6 +280,7 @@ def run_training(spec: TrainJobSpec, settings: PlatformSettings | None = None) -
             version = registry.register(
                 tracking_uri, run_id, model_dir, spec.mlflow.registered_model,
                 {k.removeprefix("test_"): v for k, v in test.items()},
+                EvaluationSet.of(dataset.manifest),
             )  # fmt: skip
         except Exception as exc:  # the run must not stay RUNNING: mark it, then report
             tracking.finish_run(tracking_uri, run_id, "FAILED")
@@ -254,11 +288,58 @@ def run_training(spec: TrainJobSpec, settings: PlatformSettings | None = None) -
     tracking.finish_run(tracking_uri, run_id, "FINISHED")
     return TrainingOutcome(
         run_id=run_id,
+        tracking_uri=tracking_uri,
+        checkpoint=_uri(result.checkpoint),
         epochs=int(result.metrics.get("epoch", 0)),
         resumes=int(result.metrics.get("resumes", 0)),
         test_metrics=test,
         version=version,
     )
+
+
+def _uri(checkpoint: ray.train.Checkpoint) -> str:
+    # Ray keeps a checkpoint's path relative to its filesystem: a bucket/key on S3.
+    scheme = "s3://" if checkpoint.filesystem.type_name == "s3" else ""
+    return f"{scheme}{checkpoint.path}"
+
+
+@contextmanager
+def _epoch_lines(tracking_uri: str, run_id: str, epochs: int) -> Iterator[None]:
+    """While the block runs, print a line for each epoch the workers log to MLflow."""
+    seen = set(tracking.metric_steps(tracking_uri, run_id, "epoch"))  # before a resume
+    stop = threading.Event()
+
+    def watch() -> None:
+        while True:
+            stopping = stop.wait(EPOCH_POLL_SECONDS)
+            try:
+                done = set(tracking.metric_steps(tracking_uri, run_id, "epoch")) - seen
+                for epoch in sorted(done):
+                    metrics = tracking.metrics_at(tracking_uri, run_id, epoch, EPOCH_LINE)
+                    click.echo(_epoch_line(epoch, epochs, metrics))
+                    seen.add(epoch)
+            except MlflowException:
+                pass  # a busy store (sqlite locked by a worker's write): the next look catches up
+            if stopping:
+                return
+
+    watcher = threading.Thread(target=watch, name="epoch-lines", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+
+
+def _epoch_line(epoch: int, epochs: int, metrics: dict[str, float]) -> str:
+    line = (
+        f"epoch {epoch}/{epochs}: train loss {metrics['train_loss']:.4f}, "
+        f"{metrics['train_frames_per_s']:.0f} frames/s"
+    )
+    if "val_lve" in metrics:
+        line += f", val LVE {metrics['val_lve'] * 1e5:.3f}e-5"
+    return line
 
 
 def _test_report(

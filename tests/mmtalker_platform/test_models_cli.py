@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from mmtalker.cli.data import run
 from mmtalker_platform import registry
 from mmtalker_platform.cli import app
+from mmtalker_platform.registry import EvaluationSet
 from mmtalker_platform.tracking import prepare_tracking, start_or_resume_run
 
 
@@ -17,10 +18,11 @@ from mmtalker_platform.tracking import prepare_tracking, start_or_resume_run
 def talker(tracking_uri: str, checkpoint_dir: Path) -> str:
     """Registry with model ``talker``: versions 1 (champion, LVE 2e-5) and 2 (candidate)."""
     experiment = prepare_tracking(tracking_uri, "exp")
+    tested_on = EvaluationSet(name="demo", fingerprint="0123456789ab")
     for lve in (2e-5, 3e-5):
         run_id, _ = start_or_resume_run(tracking_uri, experiment, f"job-{lve}", {})
         metrics = {"lve": lve, "fdd": 4e-7, "mve": 1.5e-3, "eve": 6e-5}
-        registry.register(tracking_uri, run_id, checkpoint_dir, "talker", metrics)
+        registry.register(tracking_uri, run_id, checkpoint_dir, "talker", metrics, tested_on)
     return tracking_uri
 
 
@@ -33,9 +35,12 @@ def _invoke(*args: str) -> str:
 def test_list_prints_an_aligned_table_with_scaled_metrics(talker: str) -> None:
     header, newest, oldest = _invoke("list", "--tracking-uri", talker).splitlines()
     assert header.split()[:5] == ["name", "version", "aliases", "LVE", "x1e-5"]
-    assert newest.split()[:7] == ["talker", "2", "candidate", "3.000", "4.000", "1.500", "6.000"]
+    assert newest.split()[:8] == [
+        "talker", "2", "candidate", "3.000", "4.000", "1.500", "6.000", "demo@0123456789ab",
+    ]  # fmt: skip
     assert oldest.split()[:3] == ["talker", "1", "champion"]
-    assert header.index("run") == newest.index(newest.split()[7])
+    assert header.index("tested on") == newest.index("demo@0123456789ab")
+    assert header.index("run") == newest.index(newest.split()[8])
 
 
 def test_show_resolves_an_alias(talker: str) -> None:

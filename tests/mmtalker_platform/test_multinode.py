@@ -53,7 +53,9 @@ def test_training_spans_two_nodes_with_s3_checkpoints(
     )
     outcome = run_training(spec, PlatformSettings(work_dir=tmp_path / "work"))
     assert outcome.epochs == 1 and outcome.version.version == 1
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True)
+    workers = list_actors(
+        address=two_nodes.address, filters=[("class_name", "=", "RayTrainWorker")], detail=True
+    )
     assert len({w.node_id for w in workers}) == 2
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
     assert any("/checkpoint_" in k and k.endswith("model/model.safetensors") for k in keys)

@@ -8,17 +8,25 @@ import pytest
 import torch
 
 from mmtalker.checkpoint import CheckpointError, load_checkpoint
+from mmtalker.data.shards import open_dataset
 from mmtalker_platform import registry
-from mmtalker_platform.registry import RegistryError
+from mmtalker_platform.registry import EvaluationSet, RegistryError
 from mmtalker_platform.tracking import prepare_tracking, start_or_resume_run
+
+DEMO = EvaluationSet(name="demo", fingerprint="0123456789ab")
 
 
 def _register(
-    tracking_uri: str, checkpoint: Path, name: str, lve: float
+    tracking_uri: str,
+    checkpoint: Path,
+    name: str,
+    lve: float,
+    tested_on: EvaluationSet | None = DEMO,
 ) -> registry.ModelVersionInfo:
     experiment = prepare_tracking(tracking_uri, "exp")
-    run_id, _ = start_or_resume_run(tracking_uri, experiment, f"{name}-{lve}", {})
-    return registry.register(tracking_uri, run_id, checkpoint, name, {"lve": lve, "mve": 1e-3})
+    run_id, _ = start_or_resume_run(tracking_uri, experiment, f"{name}-{lve}-{tested_on}", {})
+    metrics = {"lve": lve, "mve": 1e-3}
+    return registry.register(tracking_uri, run_id, checkpoint, name, metrics, tested_on)
 
 
 def test_candidate_always_moves_champion_only_when_lve_improves(
@@ -36,6 +44,39 @@ def test_candidate_always_moves_champion_only_when_lve_improves(
     assert better.version == 3 and better.aliases == ["candidate", "champion"]
     assert registry.show(tracking_uri, "talker/1").aliases == []
     assert better.source.endswith(f"{better.run_id}/artifacts/model")
+    assert better.tested_on == DEMO
+
+
+def test_champion_moves_only_on_a_better_score_on_the_same_test_set(
+    tracking_uri: str, checkpoint_dir: Path, tiny_corpus: str
+) -> None:
+    tiny = EvaluationSet.of(open_dataset(tiny_corpus).manifest)
+    first = _register(tracking_uri, checkpoint_dir, "talker", 2e-5, tiny)
+    assert first.aliases == ["candidate", "champion"] and first.tested_on == tiny
+    # A far lower LVE measured on other data says nothing about which model is better.
+    other = _register(tracking_uri, checkpoint_dir, "talker", 1e-6, DEMO)
+    assert other.aliases == ["candidate"]
+    unknown = _register(tracking_uri, checkpoint_dir, "talker", 1e-6, None)
+    assert unknown.aliases == ["candidate"] and unknown.tested_on is None
+    assert registry.show(tracking_uri, "talker@champion").version == 1
+    better = _register(tracking_uri, checkpoint_dir, "talker", 1e-5, tiny)
+    assert better.aliases == ["candidate", "champion"]
+
+
+def test_the_test_set_fingerprint_follows_the_test_split_only(tiny_corpus: str) -> None:
+    manifest = open_dataset(tiny_corpus).manifest
+    tiny = EvaluationSet.of(manifest)
+    assert tiny.name == manifest.name and len(tiny.fingerprint) == 12
+
+    def changed(split: str) -> EvaluationSet:
+        shards = [
+            s.model_copy(update={"sha256": "f" * 64}) if s.split == split else s
+            for s in manifest.shards
+        ]
+        return EvaluationSet.of(manifest.model_copy(update={"shards": shards}))
+
+    assert changed("train") == tiny
+    assert changed("test").fingerprint != tiny.fingerprint
 
 
 def test_a_nan_champion_is_replaced_and_a_nan_candidate_never_wins(

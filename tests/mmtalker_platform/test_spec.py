@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,51 @@ def test_submit_refuses_paths_relative_to_this_machine(
     spec.write_text("kind: animate\nname: x\n" + fields)
     with pytest.raises(JobError, match=message):
         submit(spec, "http://127.0.0.1:1")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ("checkpoint: {storage: runs}\n", "checkpoint.storage 'runs' is relative"),
+        ("mlflow: {tracking_uri: 'sqlite:///m.db'}\n", "mlflow.tracking_uri 'sqlite:///m.db'"),
+    ],
+)
+def test_submit_refuses_train_outputs_relative_to_this_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fields: str, message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "train.yaml"
+    spec.write_text("name: x\ndata: s3://b/d\n" + fields)
+    with pytest.raises(JobError, match=message):
+        submit(spec, "http://127.0.0.1:1")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("name: x\ndata: /data\n", "MMTALKER_WORK_DIR is 'work', relative to Ray's temporary"),
+        ("name: x\ndata: /d\ncheckpoint: {storage: runs}\n", "checkpoint.storage is 'runs'"),
+        ("kind: animate\nname: x\ncatalog: /c\noutput: out\n", "output is 'out', relative"),
+    ],
+)
+def test_a_job_in_rays_unpacked_working_dir_refuses_relative_result_locations(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    text: str,
+    message: str,
+) -> None:
+    """What `ray job submit --working-dir` gives the entrypoint: results written relative to
+    the unpacked copy would vanish with the Ray session."""
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}, "metadata": {}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    monkeypatch.delenv("MMTALKER_WORK_DIR", raising=False)
+    # Verbose: a quiet `mmtalker run` would rewire this (pytest's) process's logging.
+    monkeypatch.setenv("MMTALKER_VERBOSE", "1")
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "job.yaml"
+    spec.write_text(text)
+    assert run(app, ["run", str(spec)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "work").exists()

@@ -1,0 +1,69 @@
+"""What a person sees while a job runs: a line per stage and per epoch, the results, where the
+outputs are. Ray's and the libraries' own logs go to a file whose path is printed; ``--verbose``
+(or ``MMTALKER_VERBOSE=1``) leaves them on the terminal.
+
+Commands call :func:`route_logs` once, after their imports and before they start Ray, and
+report progress with :func:`stage`; :func:`mmtalker_platform.cluster.connect` keeps the
+cluster's workers' output off the terminal unless the settings say verbose.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
+import click
+import ray.data
+
+from mmtalker_platform.settings import PlatformSettings
+
+
+def route_logs(settings: PlatformSettings, name: str) -> Path | None:
+    """Unless verbose: Python logging and warnings to ``WORK/logs/NAME-TIME.log`` instead of the
+    terminal, and Ray Data's progress bars off; returns the file (None when verbose)."""
+    if settings.verbose:
+        return None
+    folder = settings.work_dir.resolve() / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-{datetime.now():%Y%m%d-%H%M%S}.log"
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger()] + [
+        logger
+        for logger in logging.Logger.manager.loggerDict.values()
+        if isinstance(logger, logging.Logger)
+    ]
+    # Libraries (Ray, Ray Data, MLflow) attach their own terminal handlers at import time.
+    for logger in loggers:
+        console = [h for h in logger.handlers if _is_terminal(h)]
+        for old in console:
+            logger.removeHandler(old)
+        if console or logger is logging.getLogger():
+            logger.addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return path
+
+
+def _is_terminal(handler: logging.Handler) -> bool:
+    return isinstance(handler, logging.StreamHandler) and not isinstance(
+        handler, logging.FileHandler
+    )
+
+
+@contextmanager
+def stage(message: str) -> Iterator[None]:
+    """One line for a stage of work: ``message ... 12 s`` (or ``... failed``)."""
+    started = time.perf_counter()
+    click.echo(f"{message} ...", nl=False)
+    try:
+        yield
+    except BaseException:
+        click.echo(" failed")
+        raise
+    click.echo(f" {time.perf_counter() - started:.0f} s")
