@@ -48,7 +48,9 @@ def connect(settings: PlatformSettings) -> None:
     if settings.ray_address:
         ray.init(address=settings.ray_address, log_to_driver=settings.verbose)
     else:
+        # "local": a cluster of our own, never one a stray `ray start` left its address for.
         ray.init(
+            address="local",
             num_cpus=LOCAL_CPU_FACTOR * (os.cpu_count() or 1),
             include_dashboard=True,
             dashboard_host="127.0.0.1",

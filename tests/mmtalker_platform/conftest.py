@@ -89,7 +89,10 @@ def local_ray(aws_environment: dict[str, str]) -> Iterator[RayContext]:
     Four logical CPUs on two cores: two training workers and the data tasks beside them.
     Yields the context of ``ray.init``: ``f"http://{context.dashboard_url}"`` is its Jobs API.
     """
+    # address="local": always a new cluster of our own, even where another `ray start` left its
+    # address behind for "auto" to find.
     context = ray.init(
+        address="local",
         num_cpus=4,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
