@@ -59,7 +59,7 @@ def test_broken_checkpoints_give_clear_errors(
     assert "\n" not in str(error.value)
     config["config"]["no_such_option"] = 1
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="no_such_option.*retrain it"):
+    with pytest.raises(CheckpointError, match=r"no_such_option.*retrain it"):
         load_checkpoint(tmp_path)
     del config["config"]["no_such_option"]
     config["kind"] = "nonsense"
