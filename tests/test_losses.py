@@ -20,8 +20,13 @@ def test_motion_losses_by_hand() -> None:
     # Largest lip error per real frame: 4 in frame 0, 0 in frame 1.
     assert parts.lip_max.item() == 2.0
     torch.testing.assert_close(parts.point_position, torch.tensor([0.0, 2.0, 0.0, 4.5]))
-    config = LossConfig(position=1.0, velocity=0.5, lip_max=0.25)
-    expected = parts.position + 0.5 * parts.velocity + 0.25 * parts.lip_max
+    # Dynamics: the still prediction misses the target's temporal std over real frames, 1 on
+    # point 1 (values 2, 0; weight 2) and 1.5 on point 3 (0, 3): (2·1² + 1.5²) over 4 points.
+    torch.testing.assert_close(
+        parts.dynamics, torch.tensor((2 * 1.0 + 1.5**2) / 4), atol=1e-3, rtol=0
+    )
+    config = LossConfig(position=1.0, velocity=0.5, lip_max=0.25, dynamics=0.75)
+    expected = parts.position + 0.5 * parts.velocity + 0.25 * parts.lip_max + 0.75 * parts.dynamics
     torch.testing.assert_close(combined_loss(parts, config), expected)
 
 
