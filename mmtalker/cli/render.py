@@ -37,8 +37,14 @@ def render_command(
     split: Annotated[str, typer.Option(help="With --compare: split to take it from.")] = "test",
     width: Annotated[int, typer.Option(help="Frame width in pixels (per panel).")] = 512,
     height: Annotated[int, typer.Option(help="Frame height in pixels.")] = 512,
-    yaw: Annotated[float, typer.Option(help="Turn the face left/right, degrees.")] = 0.0,
-    pitch: Annotated[float, typer.Option(help="Tilt the face up/down, degrees.")] = 0.0,
+    yaw: Annotated[
+        float | None,
+        typer.Option(help="Turn the face left/right, degrees (default 0; 15 in a face close-up)."),
+    ] = None,
+    pitch: Annotated[
+        float | None,
+        typer.Option(help="Tilt the face up/down, degrees (default 0; -5 in a face close-up)."),
+    ] = None,
     shading: Annotated[
         Literal["gouraud", "flat"], typer.Option(help="Smooth or flat shading.")
     ] = "gouraud",
@@ -72,11 +78,18 @@ def _render(
     from mmtalker.io.export import read_npz
     from mmtalker.io.render import Renderer, save_png
     from mmtalker.io.video import write_animation
+    from mmtalker.rig import load_ict
+    from mmtalker.rig.head import head_regions, head_topology
 
     clip = read_npz(animation)
-    frames = write_animation(clip.vertices, clip.faces, out, clip.fps, audio, config=config)
+    head = load_ict()
+    # Whole-head animations (of ICT models) are painted by part: skin, lips, mouth, eyes.
+    regions = head_regions(head) if clip.topology_id == head_topology(head).id else None
+    frames = write_animation(
+        clip.vertices, clip.faces, out, clip.fps, audio, config=config, regions=regions
+    )
     if still is not None:
-        renderer = Renderer(clip.faces, clip.vertices[0], config)
+        renderer = Renderer(clip.faces, clip.vertices[0], config, regions=regions)
         save_png(renderer.render(clip.vertices[len(clip.vertices) // 2]), still)
     return frames
 
@@ -103,12 +116,12 @@ def _compare(
         raise MMTalkerError(f"no sequence {sequence!r} in the {split} split of {data}")
     loaded = load_for_dataset(checkpoint, dataset)
     _, _, predicted = next(predictions(loaded.model, [chosen], dataset.templates))
-    truth, faces = chosen.vertices, dataset.topology.faces
+    truth, faces, regions = chosen.vertices, dataset.topology.faces, dataset.topology.regions
     frames = write_comparison(
         truth, predicted, faces, out, chosen.fps, (chosen.audio, chosen.sample_rate),
-        config=config,
+        config=config, regions=regions,
     )  # fmt: skip
     if still is not None:
-        save_png(comparison_still(truth, predicted, faces, config), still)
+        save_png(comparison_still(truth, predicted, faces, config, regions=regions), still)
     typer.echo(f"sequence {chosen.sequence_id} of speaker {chosen.speaker}")
     return frames

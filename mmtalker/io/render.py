@@ -1,4 +1,5 @@
-"""Headless preview images of face meshes: a vectorized CPU rasterizer, error heatmaps, panels.
+"""Headless preview images of face meshes: a vectorized CPU rasterizer, face colours, error
+heatmaps, panels.
 
 No OpenGL and no display: numpy rasterizes every triangle of a frame at once. Triangles are cut
 into one span per pixel row (where the row's centre line crosses their edges), spans into pixels
@@ -6,12 +7,16 @@ with ``np.repeat``; depth and colour advance along a span by a constant step, an
 ``np.minimum.at`` resolves the z-buffer. No Python loop runs per triangle or per pixel: a
 3k-vertex face renders at about 80 frames/s at 512×512 on one core (``bench/render.py``).
 Vertex positions are in metres, colours RGB 0–255.
+
+A mesh with named regions (a topology's ``lips`` and ``eyes``, a rig's parts such as
+``mouth_socket`` and ``eyeball_left``) is painted by :func:`face_colors` and framed as a close-up
+of its lips and eyes, so lip motion and blinks read in a preview; a mesh without them is one grey.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -19,6 +24,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from scipy import sparse
+from scipy.spatial import cKDTree
 
 from mmtalker.errors import RenderError
 
@@ -46,13 +52,56 @@ _FONT = (
 )
 _GLYPHS = {_FONT[i]: _FONT[i + 1 : i + 6] for i in range(0, len(_FONT), 6)}
 
+#: Vertex indices of named parts of a mesh: topology regions, a rig's part ranges.
+Regions = Mapping[str, Sequence[int] | np.ndarray | range]
+# How a region is painted, by its name or its name's prefix before "_" (a rig's eyeball_left,
+# eye_socket_right): a "tint" of the skin fading in from the region's edge (lips and eyelids are
+# skin), a "fill" (a part of its own) or an "eyeball" (sclera, iris and pupil), with which
+# palette colour. Regions named otherwise (face, upper_face) stay skin. Later entries paint over
+# earlier ones.
+_REGION_PAINT = (
+    ("eyes", "tint", "eyelids"),
+    ("lips", "tint", "lips"),
+    ("mouth_socket", "fill", "mouth"),
+    ("eye_socket", "fill", "eye_socket"),
+    ("eyeball", "eyeball", None),
+)
+# A tint's neighbourhood: a Gaussian of this width, as a fraction of how deep the region is (the
+# distance from its innermost vertex to the nearest outside one), cut at this many widths; the
+# tint fades in while the region's share of the neighbourhood rises between these two values.
+_TINT_BLUR, _TINT_REACH, _TINT_SHARE = 0.5, 2.0, (0.6, 0.8)
+_TINT_SAMPLE = 20_000
+# Iris and pupil radii as fractions of the eyeball's radius (about 12, 6 and 2.5 mm in a person).
+_IRIS_RADIUS, _PUPIL_RADIUS = 0.5, 0.2
+# Yaw and pitch (degrees) of a close-up unless the config sets them.
+_CLOSE_UP_VIEW = (15.0, -5.0)
+
+
+class Palette(BaseModel):
+    """Base colours of a face by what each part is, RGB 0–255 (see :func:`face_colors`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    skin: RGB = (222, 178, 152)
+    lips: RGB = (178, 78, 82)
+    eyelids: RGB = (182, 126, 110)
+    mouth: RGB = (64, 22, 28)
+    eye_socket: RGB = (150, 84, 84)
+    sclera: RGB = (238, 236, 230)
+    iris: RGB = (70, 94, 116)
+    pupil: RGB = (14, 14, 18)
+
 
 class RenderConfig(BaseModel):
     """Image size, colours, camera and lighting of a preview.
 
     The camera is orthographic, looks along -z at the face (+z towards the viewer, y up) after
     turning it by ``yaw`` (about y) and ``pitch`` (about x), and frames the neutral face's
-    bounding box with ``margin`` (a fraction of the image) on every side.
+    bounding box with ``margin`` (a fraction of the image) on every side. Given regions that
+    include ``focus`` ones, it frames their box instead, widened by ``focus_padding`` times the
+    box's larger side on every side: a close-up, by default of the lips and eyes. ``yaw`` and
+    ``pitch`` default to a front view, and a close-up to a slight three-quarter view from a little
+    below, which shows lip rounding and an open mouth's depth. ``palette`` paints the regions.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -61,14 +110,23 @@ class RenderConfig(BaseModel):
     height: int = Field(512, ge=8, le=8192)
     background: RGB = (24, 26, 31)
     mesh_color: RGB = (205, 200, 195)
-    yaw: float = Field(0.0, ge=-90.0, le=90.0, description="degrees")
-    pitch: float = Field(0.0, ge=-90.0, le=90.0, description="degrees")
+    yaw: float | None = Field(
+        None, ge=-90.0, le=90.0, description="degrees; default 0, close-up 15"
+    )
+    pitch: float | None = Field(
+        None, ge=-90.0, le=90.0, description="degrees; default 0, close-up -5"
+    )
     margin: float = Field(0.06, ge=0.0, lt=0.5)
     light: tuple[float, float, float] = Field(
         (0.4, 0.5, 1.0), description="direction towards the light, in view coordinates"
     )
     ambient: float = Field(0.3, ge=0.0, le=1.0)
     shading: Literal["gouraud", "flat"] = "gouraud"
+    palette: Palette = Palette()
+    focus: tuple[str, ...] = Field(
+        ("lips", "eyes"), description="regions to frame; the whole mesh when it has none of them"
+    )
+    focus_padding: float = Field(0.25, ge=0.0, le=4.0)
 
     @field_validator("light")
     @classmethod
@@ -79,10 +137,21 @@ class RenderConfig(BaseModel):
 
 
 class Renderer:
-    """Renders meshes of one triangle list through one camera, fitted once to a neutral face."""
+    """Renders meshes of one triangle list through one camera, fitted once to a neutral face.
+
+    ``regions`` (named vertex indices, e.g. ``topology.regions``) paint the surface with
+    :func:`face_colors` and frame the camera on the config's ``focus`` regions; ``colors``
+    (V, 3), RGB 0–255, paint it instead. Without either, the surface is ``mesh_color``.
+    """
 
     def __init__(
-        self, faces: np.ndarray, neutral: np.ndarray, config: RenderConfig | None = None
+        self,
+        faces: np.ndarray,
+        neutral: np.ndarray,
+        config: RenderConfig | None = None,
+        *,
+        regions: Regions | None = None,
+        colors: np.ndarray | None = None,
     ) -> None:
         self.config = config or RenderConfig()
         cfg = self.config
@@ -104,26 +173,13 @@ class Renderer:
         shape = (self.num_vertices, len(faces))
         self._incidence = sparse.csr_matrix((ones, (rows, cols)), shape=shape)
 
-        yaw, pitch = math.radians(cfg.yaw), math.radians(cfg.pitch)
-        turn = np.array(
-            [[math.cos(yaw), 0, math.sin(yaw)], [0, 1, 0], [-math.sin(yaw), 0, math.cos(yaw)]]
+        focus = self._focus(regions)
+        yaw, pitch = _CLOSE_UP_VIEW if focus is not None else (0.0, 0.0)
+        rotation = _rotation(
+            yaw if cfg.yaw is None else cfg.yaw, pitch if cfg.pitch is None else cfg.pitch
         )
-        tilt = np.array(
-            [
-                [1, 0, 0],
-                [0, math.cos(pitch), -math.sin(pitch)],
-                [0, math.sin(pitch), math.cos(pitch)],
-            ]
-        )
-        rotation = tilt @ turn
-        view = neutral.astype(np.float64) @ rotation.T
-        low, high = view.min(axis=0), view.max(axis=0)
+        low, high = self._framed_box(neutral.astype(np.float64) @ rotation.T, focus)
         extent = high[:2] - low[:2]
-        if not (extent > 0).all():
-            raise RenderError(
-                f"the neutral face has no extent in the image plane ({extent.tolist()} m across); "
-                "give a real face, or change yaw/pitch so it is not seen edge-on"
-            )
         usable = 1.0 - 2.0 * cfg.margin
         scale = min(cfg.width * usable / extent[0], cfg.height * usable / extent[1])
         centre = (low + high) / 2.0
@@ -136,17 +192,53 @@ class Renderer:
         light = np.asarray(cfg.light, dtype=np.float64)
         self._light = (rotation.T @ (light / np.linalg.norm(light))).astype(np.float32)
         self._towards_viewer = rotation.T[:, 2].astype(np.float32)
-        self._mesh_color = np.asarray(cfg.mesh_color, dtype=np.float32)
+        if colors is not None:
+            self._albedo = self._checked_colors(colors)
+        elif regions is not None:
+            self._albedo = face_colors(neutral, regions, cfg.palette).astype(np.float32)
+        else:
+            mesh_color = np.asarray(cfg.mesh_color, dtype=np.float32)
+            self._albedo = np.broadcast_to(mesh_color, (self.num_vertices, 3))
         self._background = np.tile(np.array(cfg.background, dtype=np.uint8), cfg.width * cfg.height)
+
+    def _focus(self, regions: Regions | None) -> np.ndarray | None:
+        """Vertices of the config's ``focus`` regions that ``regions`` has; None if none."""
+        names = [name for name in self.config.focus if regions is not None and name in regions]
+        if not names:
+            return None
+        chosen = [_region_indices(name, regions[name], self.num_vertices) for name in names]
+        chosen = np.concatenate(chosen)
+        return chosen if len(chosen) else None
+
+    def _framed_box(
+        self, view: np.ndarray, focus: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Low and high corners of what the camera frames, in view coordinates (V, 3) ``view``."""
+        framed = view if focus is None else view[focus]
+        low, high = framed.min(axis=0), framed.max(axis=0)
+        extent = high[:2] - low[:2]
+        if not (extent > 0).all():
+            seen = (
+                "the neutral face has" if focus is None else f"the regions {self.config.focus} have"
+            )
+            raise RenderError(
+                f"{seen} no extent in the image plane ({extent.tolist()} m across); "
+                "give a real face, or change yaw/pitch so it is not seen edge-on"
+            )
+        if focus is not None:
+            pad = self.config.focus_padding * extent.max()
+            low[:2], high[:2] = low[:2] - pad, high[:2] + pad
+        return low, high
 
     def render(self, vertices: np.ndarray, colors: np.ndarray | None = None) -> np.ndarray:
         """An (H, W, 3) uint8 image of the mesh at ``vertices`` (V, 3), Lambert-shaded.
 
-        ``colors`` (V, 3), RGB 0–255, paints the surface per vertex (e.g. :func:`error_colors`).
+        ``colors`` (V, 3), RGB 0–255, paints this frame's surface per vertex (e.g.
+        :func:`error_colors`) instead of the renderer's own colours.
         """
         cfg = self.config
         v = self._checked_vertices(vertices, "vertices")
-        albedo = self._checked_colors(colors)
+        albedo = self._albedo if colors is None else self._checked_colors(colors)
         corners = np.take(v, self._faces, axis=0)
         normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
         if cfg.shading == "flat":
@@ -236,10 +328,11 @@ class Renderer:
             raise RenderError(f"{name} contain NaN or infinity")
         return v
 
-    def _checked_colors(self, colors: np.ndarray | None) -> np.ndarray:
-        if colors is None:
-            return np.broadcast_to(self._mesh_color, (self.num_vertices, 3))
-        c = np.asarray(colors, dtype=np.float32)
+    def _checked_colors(self, colors: np.ndarray) -> np.ndarray:
+        try:
+            c = np.asarray(colors, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise RenderError(f"colors must be numeric per-vertex RGB values: {exc}") from None
         if c.shape != (self.num_vertices, 3):
             raise RenderError(
                 f"colors must be per-vertex RGB of shape ({self.num_vertices}, 3), got {c.shape}"
@@ -247,6 +340,18 @@ class Renderer:
         if not (np.isfinite(c).all() and c.min() >= 0 and c.max() <= 255):
             raise RenderError("colors must be finite RGB values in 0..255")
         return c
+
+
+def _rotation(yaw: float, pitch: float) -> np.ndarray:
+    """The (3, 3) rotation turning a face by ``yaw`` degrees about y, then ``pitch`` about x."""
+    yaw, pitch = math.radians(yaw), math.radians(pitch)
+    turn = np.array(
+        [[math.cos(yaw), 0, math.sin(yaw)], [0, 1, 0], [-math.sin(yaw), 0, math.cos(yaw)]]
+    )
+    tilt = np.array(
+        [[1, 0, 0], [0, math.cos(pitch), -math.sin(pitch)], [0, math.sin(pitch), math.cos(pitch)]]
+    )
+    return tilt @ turn
 
 
 def _spans(
@@ -291,6 +396,96 @@ def error_colors(errors: np.ndarray, vmax: float) -> np.ndarray:
     stops = np.arange(len(_VIRIDIS))
     ramp = [np.interp(position, stops, _VIRIDIS[:, k]) for k in range(3)]
     return np.rint(np.stack(ramp, axis=1)).astype(np.uint8)
+
+
+def face_colors(
+    neutral: np.ndarray, regions: Regions, palette: Palette | None = None
+) -> np.ndarray:
+    """Per-vertex base colours (V, 3) uint8 of a face (V, 3) from its named regions or parts.
+
+    Skin; ``lips`` redder and ``eyes`` (eyelids) darker, fading in from their edges; a dark
+    ``mouth_socket``; ``eye_socket*``; ``eyeball*`` white with an iris and pupil facing +z.
+    """
+    palette = palette or Palette()
+    v = np.asarray(neutral, dtype=np.float64)
+    if v.ndim != 2 or v.shape[1] != 3 or not np.isfinite(v).all():
+        raise RenderError(f"neutral must be finite vertex positions (V, 3), got {v.shape}")
+    colors = np.tile(np.asarray(palette.skin, dtype=np.float64), (len(v), 1))
+    for key, how, paint in _REGION_PAINT:
+        for name, indices in regions.items():
+            if name != key and not name.startswith(key + "_"):
+                continue
+            chosen = _region_indices(name, indices, len(v))
+            if len(chosen) == 0:
+                continue
+            if how == "eyeball":
+                colors[chosen] = _eyeball_colors(v[chosen], palette)
+                continue
+            weight = _tint_weights(v, chosen)[:, None] if how == "tint" else 1.0
+            colors[chosen] += weight * (np.asarray(getattr(palette, paint)) - colors[chosen])
+    return np.rint(colors).astype(np.uint8)
+
+
+def _region_indices(
+    name: str, indices: Sequence[int] | np.ndarray | range, count: int
+) -> np.ndarray:
+    """The vertex indices of region ``name`` as an int array, checked against ``count`` vertices."""
+    chosen = np.asarray(indices)
+    if chosen.ndim != 1 or not (chosen.size == 0 or np.issubdtype(chosen.dtype, np.integer)):
+        raise RenderError(
+            f"region {name!r} must be a 1-D list of vertex indices, got {chosen.dtype} "
+            f"{chosen.shape}"
+        )
+    if chosen.size and (chosen.min() < 0 or chosen.max() >= count):
+        raise RenderError(
+            f"region {name!r} indexes vertices outside 0..{count - 1}: it belongs to another "
+            "mesh (a rig part's indices need the offset of that part in this mesh)"
+        )
+    return chosen.astype(np.int64)
+
+
+def _tint_weights(vertices: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """Per chosen vertex, how strongly its region's tint shows: 0 at the edge, 1 well inside.
+
+    Regions defined by motion thresholds have ragged edges, so the weight is the region's share
+    of a Gaussian neighbourhood (of a width set by the region's depth), which rounds them off.
+    """
+    inside = np.zeros(len(vertices), dtype=bool)
+    inside[chosen] = True
+    if inside.all():
+        return np.ones(len(chosen))
+    depth, _ = cKDTree(vertices[~inside]).query(vertices[chosen])
+    sigma = _TINT_BLUR * depth.max()
+    if sigma <= 0:
+        return np.ones(len(chosen))
+    # A fixed random sample of a large mesh's vertices estimates the share as well, in bounded
+    # time and memory (a 60k-vertex face would otherwise pair each lip vertex with ~1,000).
+    sample = np.arange(len(vertices))
+    if len(sample) > _TINT_SAMPLE:
+        sample = np.sort(np.random.default_rng(0).choice(sample, _TINT_SAMPLE, replace=False))
+    pairs = cKDTree(vertices[chosen]).sparse_distance_matrix(
+        cKDTree(vertices[sample]), _TINT_REACH * sigma, output_type="ndarray"
+    )
+    kernel = np.exp(-0.5 * (pairs["v"] / sigma) ** 2)
+    total = np.bincount(pairs["i"], kernel, minlength=len(chosen))
+    within = np.bincount(pairs["i"], kernel * inside[sample][pairs["j"]], minlength=len(chosen))
+    # Where the sample has no vertex in reach, nothing speaks against the region.
+    share = np.divide(within, total, out=np.ones(len(chosen)), where=total > 0)
+    low, high = _TINT_SHARE
+    t = np.clip((share - low) / (high - low), 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+def _eyeball_colors(points: np.ndarray, palette: Palette) -> np.ndarray:
+    """Colours of an eyeball's vertices: sclera, with iris and pupil discs on its +z side."""
+    low, high = points.min(axis=0), points.max(axis=0)
+    centre, radius = (low + high) / 2.0, (high[0] - low[0]) / 2.0
+    off_axis = np.hypot(*(points[:, :2] - centre[:2]).T) / max(radius, 1e-12)
+    front = points[:, 2] > centre[2]
+    colors = np.tile(np.asarray(palette.sclera, dtype=np.float64), (len(points), 1))
+    colors[front & (off_axis < _IRIS_RADIUS)] = palette.iris
+    colors[front & (off_axis < _PUPIL_RADIUS)] = palette.pupil
+    return colors
 
 
 def side_by_side(images: list[np.ndarray], labels: list[str] | None = None) -> np.ndarray:
@@ -382,6 +577,8 @@ def comparison_still(
     prediction: np.ndarray,
     faces: np.ndarray,
     config: RenderConfig | None = None,
+    *,
+    regions: Regions | None = None,
 ) -> np.ndarray:
     """The middle frame of the comparison video of a clip, on the clip's own colour scale."""
     truth = np.asarray(truth, dtype=np.float32)
@@ -391,7 +588,7 @@ def comparison_still(
                           f"and {prediction.shape}")  # fmt: skip
     scale = max(float(np.linalg.norm(prediction - truth, axis=-1).max()), 1e-6)
     middle = slice(len(truth) // 2, len(truth) // 2 + 1)
-    renderer = Renderer(faces, truth[0], config)
+    renderer = Renderer(faces, truth[0], config, regions=regions)
     return next(comparison_frames(truth[middle], prediction[middle], renderer, scale))
 
 

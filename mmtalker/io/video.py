@@ -24,7 +24,7 @@ import numpy as np
 import soundfile
 
 from mmtalker.errors import VideoError
-from mmtalker.io.render import RenderConfig, Renderer, comparison_frames
+from mmtalker.io.render import Regions, RenderConfig, Renderer, comparison_frames
 
 #: A sound file ffmpeg can read, or mono/multichannel samples with their rate in Hz.
 Audio = str | Path | tuple[np.ndarray, int]
@@ -130,12 +130,16 @@ def write_animation(
     *,
     config: RenderConfig | None = None,
     neutral: np.ndarray | None = None,
+    regions: Regions | None = None,
 ) -> int:
-    """Render an animation (T, V, 3) to an MP4, framed on ``neutral`` (default: frame 0)."""
+    """Render an animation (T, V, 3) to an MP4, framed on ``neutral`` (default: frame 0).
+
+    ``regions`` (e.g. ``topology.regions``) colour the face and frame it as a close-up.
+    """
     frames = np.asarray(vertices, dtype=np.float32)
     if frames.ndim != 3 or len(frames) == 0:
         raise VideoError(f"vertices must be (T, V, 3) with T ≥ 1, got {frames.shape}")
-    renderer = Renderer(faces, frames[0] if neutral is None else neutral, config)
+    renderer = Renderer(faces, frames[0] if neutral is None else neutral, config, regions=regions)
     return write_video((renderer.render(frame) for frame in frames), fps, path, audio)
 
 
@@ -149,15 +153,17 @@ def write_comparison(
     *,
     config: RenderConfig | None = None,
     vmax: float | None = None,
+    regions: Regions | None = None,
 ) -> int:
     """An MP4 of ground truth | prediction | error heatmap, all framed on the truth's frame 0.
 
-    See :func:`mmtalker.io.render.comparison_frames` for the error and its colour scale.
+    See :func:`mmtalker.io.render.comparison_frames` for the error and its colour scale;
+    ``regions`` colour the face panels and frame all three as a close-up.
     """
     truth = np.asarray(truth, dtype=np.float32)
     if truth.ndim != 3 or len(truth) == 0:
         raise VideoError(f"truth must be (T, V, 3) with T ≥ 1, got {truth.shape}")
-    renderer = Renderer(faces, truth[0], config)
+    renderer = Renderer(faces, truth[0], config, regions=regions)
     return write_video(comparison_frames(truth, prediction, renderer, vmax), fps, path, audio)
 
 

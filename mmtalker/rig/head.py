@@ -112,6 +112,13 @@ def head_topology(head: Rig) -> Topology:
     )
 
 
+def head_regions(head: Rig) -> dict[str, np.ndarray]:
+    """Named vertex sets of the whole head for previews: the face's regions and every part
+    (``mouth_socket``, ``eyeball_left``, …)."""
+    parts = {name: np.arange(p.vertices.start, p.vertices.stop) for name, p in head.parts.items()}
+    return {**head_topology(head).regions, **parts}
+
+
 def _display(topology: Topology) -> DisplayMap:
     if topology.display is None:
         raise RigError("this topology has no display map onto the ICT head")

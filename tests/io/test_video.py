@@ -83,26 +83,39 @@ def test_odd_sizes_are_padded_to_even(tmp_path: Path) -> None:
     assert (info.width, info.height, info.frames) == (46, 32, 3)
 
 
+@pytest.mark.parametrize("with_regions", [False, True])
 def test_animation_video_shows_the_rendered_face(
-    clip: tuple[np.ndarray, FaceTemplate], tmp_path: Path
+    clip: tuple[np.ndarray, FaceTemplate], tmp_path: Path, with_regions: bool
 ) -> None:
     vertices, face = clip
+    regions = face.topology.regions if with_regions else None
     path = tmp_path / "face.mp4"
-    write_animation(vertices, face.topology.faces, path, 30.0, (tone(0.5), RATE), config=CONFIG)
+    write_animation(
+        vertices, face.topology.faces, path, 30.0, (tone(0.5), RATE), config=CONFIG,
+        regions=regions,
+    )  # fmt: skip
     assert probe_video(path) == (15, 30.0, 96, 112, True)
-    rendered = Renderer(face.topology.faces, vertices[0], CONFIG).render(vertices[7])
-    assert np.abs(decode(path)[7].astype(int) - rendered).mean() < 4
+    renderer = Renderer(face.topology.faces, vertices[0], CONFIG, regions=regions)
+    rendered = renderer.render(vertices[7])
+    decoded = decode(path)[7].astype(int)
+    assert np.abs(decoded - rendered).mean() < 4
+    # With regions the face is skin-coloured (red above blue), otherwise grey.
+    face_pixels = decoded[(rendered != CONFIG.background).any(axis=2)]
+    warmth = (face_pixels[:, 0] - face_pixels[:, 2]).mean()
+    assert warmth > 40 if with_regions else abs(warmth) < 15
 
 
+@pytest.mark.parametrize("with_regions", [False, True])
 def test_comparison_video_is_three_panels_wide(
-    clip: tuple[np.ndarray, FaceTemplate], tmp_path: Path
+    clip: tuple[np.ndarray, FaceTemplate], tmp_path: Path, with_regions: bool
 ) -> None:
     truth, face = clip
     prediction = truth[::-1].copy()  # the jaw closing instead: equal at the middle frame only
     path = tmp_path / "compare.mp4"
     write_comparison(
-        truth, prediction, face.topology.faces, path, 30.0, (tone(0.5), RATE), config=CONFIG
-    )
+        truth, prediction, face.topology.faces, path, 30.0, (tone(0.5), RATE), config=CONFIG,
+        regions=face.topology.regions if with_regions else None,
+    )  # fmt: skip
     assert probe_video(path) == (15, 30.0, 3 * 96, 112, True)
     frames = decode(path).astype(int)
     heat = frames[:, 30:, 2 * 96 :]  # the heatmap panel below its label

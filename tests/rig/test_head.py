@@ -109,3 +109,17 @@ def test_models_without_a_head_map_refuse_identities(small_model: torch.nn.Modul
     checkpoint = Checkpoint(small_model, 30.0, RATE, {"s0": np.zeros((600, 3), np.float32)})
     with pytest.raises(RigError, match="no map onto the ICT head"):
         resolve_face(checkpoint, identity=1)
+
+
+def test_whole_head_previews_paint_lips_mouth_and_eyes() -> None:
+    from mmtalker.io.render import Renderer, face_colors
+    from mmtalker.rig.head import head_regions
+
+    head = load_ict()
+    regions = head_regions(head)
+    assert {"lips", "eyes", "mouth_socket", "eyeball_left"} <= set(regions)
+    colors = face_colors(head.neutral, regions).astype(int)
+    skin, lip, mouth = (colors[regions[n]].mean(axis=0) for n in ("face", "lips", "mouth_socket"))
+    assert lip[0] - lip[1] > skin[0] - skin[1] and mouth.sum() < skin.sum() / 2
+    image = Renderer(head.faces, head.neutral, regions=regions).render(head.neutral)
+    assert image.shape == (512, 512, 3) and image.std() > 10
