@@ -334,15 +334,23 @@ def resolve_face(
         person = _mesh_vertices(Path(template), counts)
     else:
         person, index = checkpoint.face(speaker)
-    if head is None:
-        return Face(person, index)
-    from mmtalker.rig.head import head_neutral, head_template
+    return face_of(checkpoint, person, index)
 
+
+def face_of(checkpoint: Checkpoint, person: np.ndarray, speaker: int = -1) -> Face:
+    """The face of a neutral mesh (V, 3), on the model's mesh or, for models mapped onto the ICT
+    head, the whole head; ``speaker`` indexes the model's training speakers (-1: none)."""
+    topology = checkpoint.topology
+    if topology.display is None:
+        return Face(person, speaker)
+    from mmtalker.rig.head import display_head, head_neutral, head_template
+
+    head = display_head(topology)
     if len(person) == head.num_vertices:
         whole, neutral = person, head_template(topology, person, head)
     else:
         whole, neutral = head_neutral(topology, person, head), person
-    return Face(neutral, index, whole if checkpoint.model.queries_points else None)
+    return Face(neutral, speaker, whole if checkpoint.model.queries_points else None)
 
 
 def _mesh_vertices(path: Path, counts: tuple[int, ...]) -> np.ndarray:

@@ -2,21 +2,31 @@
 
 This lives in the library, not the platform, because the library's own data commands read and
 write ``s3://`` datasets and the library must never import the platform.
+
+Request costs on S3, which decide how a catalog of millions of files performs: a filesystem is
+made once per settings and reused (making one sets up a new HTTP client); :func:`open_file` is
+one HEAD (size, modification time) and reading it one GET; a small write is one PUT.
 """
 
 from __future__ import annotations
 
+import functools
 import posixpath
 import uuid
+from datetime import datetime
 from pathlib import Path
+from types import TracebackType
 from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mmtalker.errors import StorageError
+
+#: S3 filesystems kept for reuse, one per distinct endpoint and credentials.
+FILESYSTEM_CACHE = 8
 
 
 class S3Settings(BaseSettings):
@@ -35,22 +45,37 @@ class S3Settings(BaseSettings):
     session_token: str | None = Field(default=None, validation_alias="AWS_SESSION_TOKEN")
 
     def filesystem(self) -> pafs.S3FileSystem:
-        """A pyarrow S3 filesystem for these settings."""
-        kwargs: dict[str, object] = {"region": self.region}
-        if self.endpoint_url:
-            parsed = urlparse(self.endpoint_url)
-            if not parsed.scheme or not parsed.netloc:
-                raise StorageError(
-                    f"S3 endpoint {self.endpoint_url!r} is not a URL; use e.g. http://127.0.0.1:9000"
-                )
-            kwargs["endpoint_override"] = parsed.netloc
-            kwargs["scheme"] = parsed.scheme
-        if self.access_key_id and self.secret_access_key:
-            kwargs["access_key"] = self.access_key_id
-            kwargs["secret_key"] = self.secret_access_key
-            if self.session_token:
-                kwargs["session_token"] = self.session_token
-        return pafs.S3FileSystem(**kwargs)
+        """The pyarrow S3 filesystem for these settings, shared by every caller that has them."""
+        return _s3_filesystem(
+            self.endpoint_url, self.region, self.access_key_id, self.secret_access_key,
+            self.session_token,
+        )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=FILESYSTEM_CACHE)
+def _s3_filesystem(
+    endpoint_url: str | None,
+    region: str,
+    access_key_id: str | None,
+    secret_access_key: str | None,
+    session_token: str | None,
+) -> pafs.S3FileSystem:
+    # Delayed open: a small object is then one PUT instead of a three-request multipart upload.
+    kwargs: dict[str, object] = {"region": region, "allow_delayed_open": True}
+    if endpoint_url:
+        parsed = urlparse(endpoint_url)
+        if not parsed.scheme or not parsed.netloc:
+            raise StorageError(
+                f"S3 endpoint {endpoint_url!r} is not a URL; use e.g. http://127.0.0.1:9000"
+            )
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme
+    if access_key_id and secret_access_key:
+        kwargs["access_key"] = access_key_id
+        kwargs["secret_key"] = secret_access_key
+        if session_token:
+            kwargs["session_token"] = session_token
+    return pafs.S3FileSystem(**kwargs)
 
 
 def resolve(uri: str | Path, s3: S3Settings | None = None) -> tuple[pafs.FileSystem, str]:
@@ -78,6 +103,87 @@ def join(uri: str | Path, *parts: str) -> str:
     return str(Path(text, *parts))
 
 
+class FileStat(BaseModel):
+    """Size and modification time of a stored file: together, which version of it this is.
+
+    S3 reports modification times in whole seconds, so they are kept to the second there.
+    """
+
+    size: int
+    mtime_ns: int
+
+    @property
+    def identity(self) -> str:
+        """``SIZE-MTIME``: changes whenever the file is rewritten (or, on S3, replaced)."""
+        return f"{self.size}-{self.mtime_ns}"
+
+    @classmethod
+    def of(cls, info: pafs.FileInfo, fs: pafs.FileSystem) -> FileStat:
+        """The stat of a listed or looked-up file."""
+        mtime_ns = info.mtime_ns or 0
+        if isinstance(fs, pafs.S3FileSystem):
+            mtime_ns -= mtime_ns % 1_000_000_000
+        return cls(size=info.size or 0, mtime_ns=mtime_ns)
+
+
+class OpenFile:
+    """A file opened for reading, its stat known; nothing is downloaded until :meth:`read`."""
+
+    def __init__(self, uri: str | Path, s3: S3Settings | None = None) -> None:
+        self.uri = str(uri)
+        fs, path = resolve(uri, s3)
+        try:
+            # On S3 the open is the HEAD request that tells size and modification time.
+            self._stream = fs.open_input_file(path)
+            if isinstance(fs, pafs.S3FileSystem):
+                self.stat = _s3_stat(self._stream)
+            else:
+                self.stat = FileStat.of(fs.get_file_info(path), fs)
+        except FileNotFoundError as exc:
+            raise StorageError(f"no such file: {uri}") from exc
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"cannot read {uri}: {exc}") from exc
+
+    def read(self, max_bytes: int | None = None) -> bytes:
+        """The whole content, refused before downloading when it is over ``max_bytes``."""
+        if max_bytes is not None and self.stat.size > max_bytes:
+            raise StorageError(
+                f"{self.uri} is {self.stat.size / 2**20:.1f} MiB, over the read limit of "
+                f"{max_bytes / 2**20:.1f} MiB"
+            )
+        try:
+            return self._stream.read()
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.uri}: {exc}") from exc
+
+    def close(self) -> None:
+        """Release the stream."""
+        self._stream.close()
+
+    def __enter__(self) -> OpenFile:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _s3_stat(stream: pa.NativeFile) -> FileStat:
+    metadata = stream.metadata()
+    modified = metadata.get("Last-Modified", b"").decode()
+    seconds = int(datetime.fromisoformat(modified).timestamp()) if modified else 0
+    return FileStat(size=stream.size(), mtime_ns=seconds * 1_000_000_000)
+
+
+def open_file(uri: str | Path, s3: S3Settings | None = None) -> OpenFile:
+    """Open a file for reading (one HEAD request on S3); raises if it does not exist."""
+    return OpenFile(uri, s3)
+
+
 def exists(uri: str | Path, s3: S3Settings | None = None) -> bool:
     """Whether a file or folder exists at the URI."""
     fs, path = resolve(uri, s3)
@@ -90,16 +196,12 @@ def is_file(uri: str | Path, s3: S3Settings | None = None) -> bool:
     return _stat(fs, path, uri).type == pafs.FileType.File
 
 
-def read_bytes(uri: str | Path, s3: S3Settings | None = None) -> bytes:
-    """The whole content of the file at the URI."""
-    fs, path = resolve(uri, s3)
-    if _stat(fs, path, uri).type != pafs.FileType.File:
-        raise StorageError(f"no such file: {uri}")
-    try:
-        with fs.open_input_stream(path) as stream:
-            return stream.read()
-    except OSError as exc:
-        raise StorageError(f"cannot read {uri}: {exc}") from exc
+def read_bytes(
+    uri: str | Path, s3: S3Settings | None = None, max_bytes: int | None = None
+) -> bytes:
+    """The whole content of the file at the URI, refused unread when over ``max_bytes``."""
+    with open_file(uri, s3) as file:
+        return file.read(max_bytes)
 
 
 def write_bytes(uri: str | Path, data: bytes, s3: S3Settings | None = None) -> None:
@@ -127,8 +229,12 @@ def write_bytes(uri: str | Path, data: bytes, s3: S3Settings | None = None) -> N
 def delete(uri: str | Path, s3: S3Settings | None = None) -> None:
     """Delete the file at the URI if it exists."""
     fs, path = resolve(uri, s3)
-    if _stat(fs, path, uri).type == pafs.FileType.File:
+    try:
         fs.delete_file(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StorageError(f"cannot delete {uri}: {exc}") from exc
 
 
 def _stat(fs: pafs.FileSystem, path: str, uri: str | Path) -> pafs.FileInfo:

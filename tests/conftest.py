@@ -103,6 +103,26 @@ def ict_corpus(tmp_path_factory: pytest.TempPathFactory, ict_config: SynthConfig
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def ict_checkpoint_dir(
+    ict_corpus: str, small_config: MMTalkerConfig, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A small untrained MMTalker of the ICT test corpus (it animates the whole head), its output
+    layer randomised so it moves the face."""
+    from mmtalker.checkpoint import save_checkpoint
+    from mmtalker.data.shards import open_dataset
+    from mmtalker.training import model_for_dataset
+
+    dataset = open_dataset(ict_corpus)
+    torch.manual_seed(0)
+    model = model_for_dataset("mmtalker", small_config.model_dump(), dataset)
+    torch.nn.init.normal_(model.head.coefficients[-1].weight, std=0.5)
+    templates = {s: dataset.templates[s] for s in model.speakers}
+    manifest = dataset.manifest
+    folder = tmp_path_factory.mktemp("ict-model") / "checkpoint"
+    return save_checkpoint(folder, model, templates, manifest.fps, manifest.sample_rate)
+
+
 @pytest.fixture
 def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Standard AWS variables pointing at the moto server, for code that reads the environment."""

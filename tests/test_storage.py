@@ -73,3 +73,42 @@ def test_round_trip_on_s3(s3_settings: S3Settings, s3_bucket: str) -> None:
 def test_reading_a_missing_file_says_so(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="no such file"):
         storage.read_bytes(tmp_path / "missing")
+
+
+def test_s3_filesystems_are_made_once_per_settings(s3_settings: S3Settings) -> None:
+    # Making one sets up a new HTTP client: a catalog of millions of files must not.
+    first, _ = storage.resolve("s3://bucket/a", s3_settings)
+    again, _ = storage.resolve("s3://bucket/b", S3Settings(**s3_settings.model_dump()))
+    assert first is again
+    other = S3Settings(**{**s3_settings.model_dump(), "region": "eu-west-1"})
+    assert storage.resolve("s3://bucket/a", other)[0] is not first
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_read_over_its_limit_is_refused_before_downloading(
+    where: str, tmp_path: Path, s3_settings: S3Settings, s3_bucket: str
+) -> None:
+    uri = str(tmp_path / "big.bin") if where == "local" else f"s3://{s3_bucket}/big.bin"
+    storage.write_bytes(uri, b"x" * 5000, s3_settings)
+    with pytest.raises(StorageError, match="over the read limit"):
+        storage.read_bytes(uri, s3_settings, max_bytes=4999)
+    assert storage.read_bytes(uri, s3_settings, max_bytes=5000) == b"x" * 5000
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_an_opened_file_tells_the_stat_its_listing_tells(
+    where: str, tmp_path: Path, s3_settings: S3Settings, s3_bucket: str
+) -> None:
+    folder = str(tmp_path) if where == "local" else f"s3://{s3_bucket}/dir"
+    uri = storage.join(folder, "a.bin")
+    storage.write_bytes(uri, b"hello", s3_settings)
+    fs, path = storage.resolve(folder, s3_settings)
+    (listed,) = fs.get_file_info(pafs.FileSelector(path))
+    with storage.open_file(uri, s3_settings) as opened:
+        # Equal stats let a listed file be judged unchanged without a request of its own.
+        assert opened.stat == storage.FileStat.of(listed, fs)
+        assert opened.stat.size == 5 and opened.stat.mtime_ns > 0
+        assert opened.read() == b"hello"
+    storage.write_bytes(uri, b"hello, again", s3_settings)
+    with storage.open_file(uri, s3_settings) as rewritten:
+        assert rewritten.stat.identity != opened.stat.identity

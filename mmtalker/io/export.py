@@ -31,11 +31,12 @@ from mmtalker.rig.arkit import ARKIT_NAMES, LIVE_LINK_ROTATIONS, ArkitSolver, ar
 from mmtalker.rig.rig import Rig
 from mmtalker.storage import S3Settings
 
-FORMATS = ("npz", "glb", "obj")
-#: Formats that need the speaker's rig (``write_outputs(..., rig=...)``). Kept apart from FORMATS
-#: until the batch manifest has a column for them: mmtalker_platform.batch reads one
-#: ``{format}_uri`` field per entry of FORMATS.
-RIG_FORMATS = ("arkit",)
+#: Output formats; ``arkit`` needs the speaker's rig (``write_outputs(..., rig=...)``).
+FORMATS = ("npz", "glb", "obj", "arkit")
+_NO_RIG = (
+    "format arkit needs the speaker's ARKit rig: animate with a model trained on the ICT face "
+    "(mmtalker data synth --face ict)"
+)
 MAX_TARGETS = 64
 #: Largest unexplained fraction of displacement energy a glTF export may leave (see to_glb).
 TOLERANCE = 1e-4
@@ -208,6 +209,29 @@ def to_obj_sequence(vertices: np.ndarray, topology: Topology) -> Iterator[tuple[
     )
 
 
+def output_bytes(
+    vertices: np.ndarray, fps: float, topology: Topology, fmt: str, rig: Rig | None = None
+) -> bytes:
+    """One animation as one file: ``npz``, ``glb`` (rigged when ``rig`` is given) or ``arkit``
+    (the JSON of the solved ARKit weights; needs ``rig``)."""
+    if fmt not in ("npz", "glb", "arkit"):
+        raise ExportError(f"format {fmt!r} is not a single file; choose npz, glb or arkit")
+    if fmt == "arkit" and rig is None:
+        raise ExportError(_NO_RIG)
+    frames, fps = _checked_frames(vertices, topology), _checked_fps(fps)
+    if fmt == "npz":
+        return npz_bytes(frames, fps, topology)
+    if rig is None:
+        return to_glb(frames, fps, topology)
+    _checked_rig(rig, topology)
+    arkit = ArkitSolver(rig).solve(frames)
+    return (
+        arkit_json(arkit, fps)
+        if fmt == "arkit"
+        else to_rigged_glb(arkit, fps, rig, topology, frames)
+    )
+
+
 def write_outputs(
     vertices: np.ndarray,
     fps: float,
@@ -225,14 +249,13 @@ def write_outputs(
     ``BASE_arkit.json`` (key ``arkit_json``). The npz is written last, so its presence means
     every output of the animation is complete.
     """
-    unknown = set(formats) - set(FORMATS) - set(RIG_FORMATS)
+    unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ExportError(
-            f"unknown output formats {sorted(unknown)}; choose from "
-            f"{', '.join(FORMATS + RIG_FORMATS)}"
+            f"unknown output formats {sorted(unknown)}; choose from {', '.join(FORMATS)}"
         )
     if "arkit" in formats and rig is None:
-        raise ExportError("format arkit needs the speaker's rig to solve ARKit weights against")
+        raise ExportError(_NO_RIG)
     frames = _checked_frames(vertices, topology)
     fps = _checked_fps(fps)
     uris = {"npz": f"{base_uri}.npz"}

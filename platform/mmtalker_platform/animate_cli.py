@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -37,7 +37,8 @@ def animate_command(
         str | None, typer.Option(help="With --catalog: folder or s3:// prefix for the outputs.")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="With AUDIO: output path; .npz (and .glb, _obj/) added.")
+        Path | None,
+        typer.Option(help="With AUDIO: output path; .npz (and .glb, _obj/, _arkit.csv) added."),
     ] = None,
     model: Annotated[
         str | None,
@@ -47,10 +48,25 @@ def animate_command(
         Path | None, typer.Option(help="A checkpoint folder instead of --model.")
     ] = None,
     formats: Annotated[
-        str, typer.Option(help="Outputs besides npz: glb, obj (comma list).")
+        str,
+        typer.Option(
+            help="Outputs besides npz (comma list): glb, obj, arkit (ARKit-52 curves as a Live "
+            "Link Face CSV and JSON; models of the ICT head, whose glb is then rigged)."
+        ),
     ] = "npz",
     speaker: Annotated[
         str | None, typer.Option(help="Training speaker whose face to animate.")
+    ] = None,
+    template: Annotated[
+        Path | None,
+        typer.Option(
+            help="With AUDIO: a neutral head to animate instead (OBJ/PLY/NPY; the model's mesh "
+            "or, for ICT models, the whole ICT head); catalogs: a manifest template column."
+        ),
+    ] = None,
+    identity: Annotated[
+        int | None,
+        typer.Option(help="With AUDIO and an ICT model: animate a random ICT person (a seed)."),
     ] = None,
     overwrite: Annotated[
         bool, typer.Option(help="With --catalog: redo items earlier runs finished.")
@@ -63,22 +79,36 @@ def animate_command(
         bool | None, typer.Option(help="Animate on CUDA GPUs (default: when the cluster has any).")
     ] = None,
     name: Annotated[str, typer.Option(help="With --catalog: the job's name.")] = "animate",
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="With --catalog: a location (s3:// prefix or absolute path) the job may read "
+            "and write, manifest rows included; repeatable. Default: anywhere."
+        ),
+    ] = None,
 ) -> None:
     """Animate speech: one file here, or every item of a catalog on the Ray cluster."""
     chosen = _formats(formats)
     if catalog is None:
         if audio is None or out is None:
             raise MMTalkerError("give AUDIO and --out for one file, or --catalog and --output")
-        _animate_one(audio, out, model, checkpoint, chosen, speaker, chunk_seconds, gpu)
+        face = {"speaker": speaker, "template": template, "identity": identity}
+        _animate_one(audio, out, model, checkpoint, chosen, face, chunk_seconds, gpu)
         return
     if audio is not None or output is None:
         raise MMTalkerError("--catalog needs --output and no AUDIO argument")
+    if template is not None or identity is not None:
+        raise MMTalkerError(
+            "--template and --identity animate one file; give a catalog's faces in its "
+            "manifest's template column"
+        )
     from mmtalker_platform.spec import AnimateJobSpec
 
     fields = {
         "name": name, "catalog": catalog, "output": output, "formats": chosen,
         "speaker": speaker, "overwrite": overwrite, "actors": actors, "batch_size": batch_size,
         "max_seconds": max_seconds, "chunk_seconds": chunk_seconds, "use_gpu": gpu,
+        "allowed_prefixes": allow or [],
     }  # fmt: skip
     if checkpoint is not None:
         fields["checkpoint"] = str(checkpoint.resolve())
@@ -95,7 +125,8 @@ def run_batch(spec: AnimateJobSpec) -> None:
 
     bar = tqdm(desc=f"animate {spec.name}", unit="item", file=sys.stderr, dynamic_ncols=True)
 
-    def progress(done: int, total: int) -> None:
+    def progress(done: int, total: int | None) -> None:
+        # The catalog is streamed: its size is known once every item is listed.
         bar.total = total
         bar.update(done - bar.n)
 
@@ -108,7 +139,10 @@ def run_batch(spec: AnimateJobSpec) -> None:
     )
     for fmt, uri in outcome.example_outputs.items():
         typer.echo(f"{fmt:<4} e.g. {uri}")
-    typer.echo(f"results manifest (one row per item): {outcome.manifest_uri}")
+    typer.echo(
+        f"results manifest (one row per item; Parquet parts read as one table): "
+        f"{outcome.manifest_uri}"
+    )
 
 
 def _animate_one(
@@ -117,7 +151,7 @@ def _animate_one(
     model: str | None,
     checkpoint: Path | None,
     formats: list[str],
-    speaker: str | None,
+    face: dict[str, Any],
     chunk_seconds: float,
     gpu: bool | None,
 ) -> None:
@@ -137,7 +171,7 @@ def _animate_one(
 
         loaded = load(model or "", device=device)
     line = animate_file(
-        loaded, audio, out, face=resolve_face(loaded, speaker), formats={"npz", *formats},
+        loaded, audio, out, face=resolve_face(loaded, **face), formats={"npz", *formats},
         chunk_seconds=chunk_seconds, device=device,
     )  # fmt: skip
     typer.echo(line)

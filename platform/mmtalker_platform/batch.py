@@ -1,18 +1,23 @@
-"""Batch animation of an audio catalog with Ray Data: list → decode → actor pool → outputs.
+"""Batch animation of an audio catalog with Ray Data: catalog → decode → actor pool → outputs.
 
-Each item ends as one row of the results manifest (``OUTPUT/_job/results.parquet``): animated,
-skipped (finished by an earlier run with the same model and formats) or failed with the reason.
-An item's outputs are ``OUTPUT/<item_id>.npz`` (+ ``.glb``, ``_obj/``) and, written last, its
-record ``OUTPUT/<item_id>.json``: the record is what marks the item done, so a job killed at any
-point and run again redoes only unfinished items. ``OUTPUT/_job/progress.json`` holds counts
-while the job runs.
+Nothing the driver holds grows with the catalog: one read task streams the catalog's items
+(:mod:`mmtalker_platform.catalog`), decode tasks decide which items are done and read the audio
+of the others (:mod:`mmtalker_platform.decode`), an actor pool animates and writes, and the
+driver only tallies results and writes them out in parts. ``OUTPUT`` holds:
+
+- ``<item_id>.npz`` (+ ``.glb``, ``_obj/``): an item's outputs;
+- ``_job/records/``: the record of each finished item, written after its outputs and named by
+  a fingerprint of everything they depend on, so a changed input is redone (see ``decode``);
+- ``_job/results/part-NNNNN.parquet``: the results manifest, one row per catalog item of the
+  latest run, written in parts while the job runs (a killed job keeps the parts it wrote).
+  ``pyarrow.dataset.dataset(folder)`` or ``ray.data.read_parquet(folder)`` read it as one table;
+- ``_job/progress.json``: the counts so far, rewritten every few seconds.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -22,34 +27,80 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import ray.data
 import trimesh
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
+from ray.data import DataContext
 
 from mmtalker import storage
 from mmtalker.checkpoint import Checkpoint
 from mmtalker.errors import MMTalkerError
-from mmtalker.inference import Clip, animate_clips, decode_audio, prepare_audio
-from mmtalker.io.export import write_outputs
+from mmtalker.inference import Animation, Clip, Face, animate_clips, animate_face, face_of
+from mmtalker.io.export import FORMATS, write_outputs
 from mmtalker.storage import S3Settings
-from mmtalker_platform.catalog import CatalogItem, check_output_outside, list_catalog
+from mmtalker_platform.catalog import (
+    CatalogError,
+    CatalogSource,
+    check_catalog,
+    check_output_outside,
+    empty_catalog_message,
+    iter_catalog,
+    within,
+)
 from mmtalker_platform.cluster import connect
+from mmtalker_platform.decode import (
+    JOB_FOLDER,
+    PENDING,
+    URI_COLUMNS,
+    ItemInputs,
+    ItemRecord,
+    batch_columns,
+    batch_rows,
+    list_records,
+    load_clips,
+    reason,
+    record_uri,
+)
 from mmtalker_platform.model_source import ModelSource, resolve_model
 from mmtalker_platform.settings import PlatformSettings
 from mmtalker_platform.spec import AnimateJobSpec
 
-JOB_FOLDER = "_job"
-#: Catalog rows per decode task; each task sorts its rows by length, so the actors' batches
+#: Catalog rows per decode batch; each batch is sorted by length, so the actors' batches
 #: hold clips of similar length.
 DECODE_ROWS = 32
+#: CPUs a decode task reserves: decoding is lighter than the model and waits on storage.
+#: Reserving other than the actors also keeps Ray Data from fusing decoding into the actors,
+#: where it would run in turn with the model instead of beside it.
+DECODE_CPUS = 0.5
+#: Decode tasks at once per actor (at least two): decoding takes a tenth of the model's time,
+#: and each task reads OPEN_THREADS files at once. More would start more worker processes,
+#: each paying seconds of imports at the start of a job, for nothing.
+DECODE_TASKS_PER_ACTOR = 1
+#: Rows per actor call, in model batches: the actor groups the pending rows by length into
+#: batches, so skipped and failed rows do not shrink them, and each call's records are
+#: reported (and written to the results manifest) together.
+ANIMATE_BATCHES = 2
 #: Seconds between writes of the progress file.
 PROGRESS_SECONDS = 2.0
-#: Templates (manifest ``template`` files) each actor keeps loaded.
+#: A results part is written after this many rows, or seconds: the first after
+#: PART_SECONDS, each next one after twice as long as the one before, at most PART_SECONDS_MAX.
+#: A killed driver loses the rows of one part at most (their items stay done: a re-run skips
+#: them), and a long job's parts stay few for readers.
+PART_ROWS = 20_000
+PART_SECONDS = 5.0
+PART_SECONDS_MAX = 300.0
+#: Ray Data block size of the pipeline: small, so catalog chunks flow on as they are listed
+#: instead of gathering into one block of the whole catalog.
+BLOCK_BYTES = 2 * 2**20
+#: Templates (manifest ``template`` files) each actor keeps loaded, and their largest size.
 TEMPLATE_CACHE = 64
+TEMPLATE_MAX_BYTES = 64 * 2**20
 Status = Literal["animated", "skipped", "failed"]
-_PENDING = "pending"
 
 
 class BatchError(MMTalkerError):
@@ -57,8 +108,13 @@ class BatchError(MMTalkerError):
 
 
 class ItemResult(BaseModel):
-    """One row of the results manifest."""
+    """One row of the results manifest; ``index`` is the item's position in the catalog.
 
+    Skipped rows name the outputs an earlier run wrote; their seconds and frames are in the
+    item's record and in that run's manifest.
+    """
+
+    index: int
     item_id: str
     audio_uri: str
     status: Status
@@ -67,6 +123,8 @@ class ItemResult(BaseModel):
     npz_uri: str | None = None
     glb_uri: str | None = None
     obj_uri: str | None = None
+    #: The Live Link Face CSV; the JSON of the same weights lies beside it (``_arkit.json``).
+    arkit_uri: str | None = None
     error: str | None = None
 
 
@@ -88,91 +146,175 @@ class BatchOutcome(BaseModel):
 def run_animation(
     spec: AnimateJobSpec,
     settings: PlatformSettings | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> BatchOutcome:
-    """Animate every item of the spec's catalog on the current Ray cluster (or a local one)."""
+    """Animate every item of the spec's catalog on the current Ray cluster (or a local one).
+
+    ``progress`` gets the items done so far and the total once the catalog is fully listed.
+    """
     settings = settings or PlatformSettings()
     s3 = settings.s3
     started = time.perf_counter()
+    _check_allowed(spec)
     source = resolve_model(spec, settings)
     checkpoint = source.load()
-    if spec.speaker is not None:
-        checkpoint.face(spec.speaker)  # an unknown default speaker fails the job at once
+    # An unknown default speaker fails the job at once.
+    speaker = checkpoint.model.speakers[checkpoint.face(spec.speaker)[1]]
+    if "arkit" in spec.formats and not whole_head(checkpoint):
+        raise BatchError(
+            f"format arkit needs a model that animates the ICT head; {source.model_id} animates "
+            "its own mesh only (train on an ICT corpus: mmtalker data synth --face ict)"
+        )
     check_output_outside(spec.catalog, spec.output, s3)
-    items = list_catalog(spec.catalog, s3)
+    check_catalog(spec.catalog, s3)
     connect(settings)
-    dataset = _pipeline(spec, items, source, checkpoint.sample_rate, s3)
-    results: dict[int, ItemResult] = {}
+    results = ResultsWriter(spec.output, s3)
+    tally = Tally()
+    dataset = _pipeline(spec, source, checkpoint, speaker, s3)
     failure: BaseException | None = None
-    last_write = 0.0
+    last_progress = 0.0
     try:
-        for row in dataset.iter_rows():
-            results[int(row["index"])] = ItemResult.model_validate(_clean(row))
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            results.add(tally.add(manifest_rows(batch)))
             if progress is not None:
-                progress(len(results), len(items))
-            if time.monotonic() - last_write > PROGRESS_SECONDS:
-                _write_progress(spec, source.model_id, len(items), results, "running", s3)
-                last_write = time.monotonic()
+                progress(tally.done, None)
+            if time.monotonic() - last_progress > PROGRESS_SECONDS:
+                _write_progress(spec, source.model_id, tally, "running", s3)
+                last_progress = time.monotonic()
     except BaseException as exc:  # whatever stopped the pipeline (Ctrl-C too): record, raise
         failure = exc
     cause = f"{type(failure).__name__}: {failure}" if failure else ""
-    missing = (
-        f"the job stopped before this item was reported; a re-run finishes it ({cause})"
-        if failure
-        else "the pipeline returned no result for this item"
-    )
-    rows = [
-        results.get(index)
-        or ItemResult(
-            item_id=item.item_id, audio_uri=item.audio_uri, status="failed", error=missing
+    if failure is not None or tally.has_gaps():
+        why = (
+            f"the job stopped before this item was reported; a re-run finishes it ({cause})"
+            if failure
+            else "the pipeline returned no result for this item"
         )
-        for index, item in enumerate(items)
-    ]
-    manifest_uri = write_manifest(spec.output, rows, s3)
-    _write_progress(
-        spec, source.model_id, len(items), results, "failed" if failure else "finished", s3
-    )
+        _fail_unreported(spec, s3, tally, results, why)
+    results.close()
+    tally.total = tally.done
+    _write_progress(spec, source.model_id, tally, "failed" if failure else "finished", s3)
     if isinstance(failure, KeyboardInterrupt):
         raise failure
     if failure is not None:
         raise BatchError(
-            f"the animation pipeline stopped ({cause}); results so far in {manifest_uri}"
+            f"the animation pipeline stopped ({cause}); results so far in {results.folder}"
         ) from failure
-    counts = Counter(row.status for row in rows)
+    if tally.done == 0:
+        raise CatalogError(empty_catalog_message(spec.catalog))
+    if progress is not None:
+        progress(tally.done, tally.total)
     return BatchOutcome(
-        total=len(rows),
-        animated=counts["animated"],
-        skipped=counts["skipped"],
-        failed=counts["failed"],
-        audio_seconds=sum(r.audio_seconds or 0.0 for r in rows if r.status == "animated"),
+        total=tally.done,
+        animated=tally.counts["animated"],
+        skipped=tally.counts["skipped"],
+        failed=tally.counts["failed"],
+        audio_seconds=tally.audio_seconds,
         seconds=time.perf_counter() - started,
         model=source.model_id,
-        manifest_uri=manifest_uri,
-        example_outputs=next(
-            (
-                {f: uri for f in ("npz", "glb", "obj") if (uri := getattr(r, f"{f}_uri"))}
-                for r in rows
-                if r.npz_uri
-            ),
-            {},
-        ),
+        manifest_uri=results.folder,
+        example_outputs=tally.example,
     )
 
 
-def write_manifest(output: str, rows: list[ItemResult], s3: S3Settings | None = None) -> str:
-    """Write the results manifest (Parquet, one row per catalog item); return its URI."""
-    table = pa.Table.from_pylist([row.model_dump() for row in rows], schema=_MANIFEST_SCHEMA)
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    uri = storage.join(output, JOB_FOLDER, "results.parquet")
-    storage.write_bytes(uri, buffer.getvalue(), s3)
-    return uri
+class Tally:
+    """Counts of the results so far and which catalog entries have one (a bit per entry)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.done = 0
+        self.total: int | None = None
+        self.audio_seconds = 0.0
+        self.example: dict[str, str] = {}
+        self._seen = bytearray()
+
+    def add(self, rows: pa.Table) -> pa.Table:
+        """Count manifest rows; returns those of entries not reported before (a retried
+        task can report an entry twice)."""
+        fresh = [self._mark(int(index)) for index in rows["index"].to_pylist()]
+        rows = rows.filter(pa.array(fresh, pa.bool_()))
+        self.done += rows.num_rows
+        self.counts.update(rows["status"].to_pylist())
+        animated = rows.filter(pc.equal(rows["status"], "animated"))
+        self.audio_seconds += pc.sum(animated["audio_seconds"]).as_py() or 0.0
+        with_outputs = rows.filter(pc.is_valid(rows["npz_uri"]))
+        if not self.example and with_outputs.num_rows:
+            first = with_outputs.slice(0, 1).to_pylist()[0]
+            self.example = {fmt: uri for fmt in FORMATS if (uri := first[f"{fmt}_uri"])}
+        return rows
+
+    def reported(self, index: int) -> bool:
+        """Whether catalog entry ``index`` has its result."""
+        byte, bit = divmod(index, 8)
+        return byte < len(self._seen) and bool(self._seen[byte] >> bit & 1)
+
+    def has_gaps(self) -> bool:
+        """Whether an entry before the last reported one has no result."""
+        last = next((i for i in range(len(self._seen) - 1, -1, -1) if self._seen[i]), -1)
+        highest = -1 if last < 0 else last * 8 + self._seen[last].bit_length() - 1
+        return self.done != highest + 1
+
+    def _mark(self, index: int) -> bool:
+        if self.reported(index):
+            return False
+        byte, bit = divmod(index, 8)
+        if byte >= len(self._seen):
+            self._seen.extend(bytes(max(byte + 1 - len(self._seen), len(self._seen))))
+        self._seen[byte] |= 1 << bit
+        return True
+
+
+class ResultsWriter:
+    """The results manifest, written as Parquet parts under ``OUTPUT/_job/results/``.
+
+    Parts of an earlier run are deleted when a run starts: the folder holds one run's rows.
+    Rows wait for their part as Arrow tables, a few hundred bytes each.
+    """
+
+    def __init__(self, output: str, s3: S3Settings) -> None:
+        self.folder = storage.join(output, JOB_FOLDER, "results") + "/"
+        self.s3 = s3
+        self.tables: list[pa.Table] = []
+        self.rows = 0
+        self.parts = 0
+        self.written = time.monotonic()
+        for uri in _part_uris(output, s3):
+            storage.delete(uri, s3)
+
+    def add(self, rows: pa.Table) -> None:
+        """Buffer rows; a part is written once enough rows or seconds have gathered."""
+        self.tables.append(rows)
+        self.rows += rows.num_rows
+        wait = min(PART_SECONDS * 2**self.parts, PART_SECONDS_MAX)
+        if self.rows >= PART_ROWS or time.monotonic() - self.written >= wait:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows as the next part."""
+        if self.rows:
+            buffer = io.BytesIO()
+            pq.write_table(pa.concat_tables(self.tables), buffer)
+            uri = storage.join(self.folder, f"part-{self.parts:05d}.parquet")
+            storage.write_bytes(uri, buffer.getvalue(), self.s3)
+            self.parts += 1
+            self.tables, self.rows = [], 0
+        self.written = time.monotonic()
+
+    def close(self) -> None:
+        """Write what is left."""
+        self.flush()
 
 
 def read_manifest(output: str, s3: S3Settings | None = None) -> list[ItemResult]:
-    """The results manifest a job wrote under ``output``."""
-    data = storage.read_bytes(storage.join(output, JOB_FOLDER, "results.parquet"), s3)
-    return [ItemResult.model_validate(row) for row in pq.read_table(io.BytesIO(data)).to_pylist()]
+    """The results manifest a job wrote under ``output``, in catalog order."""
+    uris = _part_uris(output, s3)
+    if not uris:
+        return []
+    fs, _ = storage.resolve(output, s3)
+    paths = [storage.resolve(uri, s3)[1] for uri in uris]
+    table = pads.dataset(paths, filesystem=fs, format="parquet").to_table()
+    rows = [ItemResult.model_validate(row) for row in table.to_pylist()]
+    return sorted(rows, key=lambda row: row.index)
 
 
 def read_progress(output: str, s3: S3Settings | None = None) -> dict[str, Any] | None:
@@ -183,8 +325,9 @@ def read_progress(output: str, s3: S3Settings | None = None) -> dict[str, Any] |
     return json.loads(storage.read_bytes(uri, s3))
 
 
-_MANIFEST_SCHEMA = pa.schema(
+MANIFEST_SCHEMA = pa.schema(
     [
+        ("index", pa.int64()),
         ("item_id", pa.string()),
         ("audio_uri", pa.string()),
         ("status", pa.string()),
@@ -193,98 +336,103 @@ _MANIFEST_SCHEMA = pa.schema(
         ("npz_uri", pa.string()),
         ("glb_uri", pa.string()),
         ("obj_uri", pa.string()),
+        ("arkit_uri", pa.string()),
         ("error", pa.string()),
     ]
 )
 
 
+def _part_uris(output: str, s3: S3Settings | None) -> list[str]:
+    folder = storage.join(output, JOB_FOLDER, "results")
+    fs, path = storage.resolve(folder, s3)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(
+        storage.join(folder, info.base_name)
+        for info in infos
+        if info.type == pafs.FileType.File and info.base_name.endswith(".parquet")
+    )
+
+
+def _check_allowed(spec: AnimateJobSpec) -> None:
+    allowed = spec.allowed_prefixes
+    locations = {"catalog": spec.catalog, "output": spec.output, "checkpoint": spec.checkpoint}
+    for field, location in locations.items() if allowed else ():
+        if location is not None and not within(location, allowed):
+            raise BatchError(
+                f"{field} {location} is outside the locations this job may use: {allowed}"
+            )
+
+
+def _fail_unreported(
+    spec: AnimateJobSpec, s3: S3Settings, tally: Tally, results: ResultsWriter, reason: str
+) -> None:
+    """A failed row for every catalog entry without a result, the catalog streamed again."""
+    try:
+        for chunk in iter_catalog(spec.catalog, s3, spec.allowed_prefixes):
+            rows = [
+                ItemResult(
+                    index=item.index, item_id=item.item_id, audio_uri=item.audio_uri,
+                    status="failed", error=reason,
+                ).model_dump()
+                for item in chunk
+                if not tally.reported(item.index)
+            ]  # fmt: skip
+            if rows:
+                results.add(tally.add(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)))
+    except MMTalkerError:
+        return  # the catalog itself is unreachable now: the rows written so far stand
+
+
 def _pipeline(
     spec: AnimateJobSpec,
-    items: list[CatalogItem],
     source: ModelSource,
-    sample_rate: int,
+    checkpoint: Checkpoint,
+    speaker: str,
     s3: S3Settings,
 ) -> ray.data.Dataset:
     formats = sorted({"npz", *spec.formats})
     gpu = spec.use_gpu if spec.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
-    rows = [{**item.model_dump(), "index": index} for index, item in enumerate(items)]
-    # Enough blocks that every actor gets work even on a small catalog.
-    blocks = min(len(rows), max(2 * spec.actors, math.ceil(len(rows) / DECODE_ROWS)))
-    loaded = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
-        load_clips,
-        batch_size=DECODE_ROWS,
-        batch_format="numpy",
-        fn_kwargs={
-            "output": spec.output,
-            "model_id": source.model_id,
-            "formats": formats,
-            "overwrite": spec.overwrite,
-            "sample_rate": sample_rate,
-            "max_seconds": spec.max_seconds,
-            "s3": s3,
-        },
-    )
-    return loaded.map_batches(
-        ClipAnimator,
-        compute=ray.data.ActorPoolStrategy(size=spec.actors),
-        batch_size=spec.batch_size,
-        batch_format="numpy",
-        num_cpus=spec.cpus_per_actor,
-        num_gpus=1 if gpu else 0,
-        fn_constructor_kwargs={
-            "source": [ray.put(source)],
-            "model_id": source.model_id,
-            "output": spec.output,
-            "formats": formats,
-            "speaker": spec.speaker,
-            "chunk_seconds": spec.chunk_seconds,
-            "batch_size": spec.batch_size,
-            "device": "cuda" if gpu else "cpu",
-            "s3": s3,
-        },
-    )
-
-
-def load_clips(
-    batch: dict[str, np.ndarray],
-    *,
-    output: str,
-    model_id: str,
-    formats: list[str],
-    overwrite: bool,
-    sample_rate: int,
-    max_seconds: float,
-    s3: S3Settings,
-) -> dict[str, np.ndarray]:
-    """Catalog rows → decoded mono audio at the model's rate, or a skipped/failed status.
-
-    Rows come back sorted by audio length, so consecutive rows make similar-length batches.
-    """
-    rows = []
-    for row in _rows(batch):
-        row.update(status=_PENDING, audio=np.zeros(0, np.float32), audio_seconds=math.nan,
-                   frames=-1, outputs="{}")  # fmt: skip
-        if row["error"]:
-            row["status"] = "failed"
-            rows.append(row)
-            continue
-        try:
-            record = None if overwrite else _finished(row, output, model_id, formats, s3)
-            if record is not None:
-                row.update(status="skipped", audio_seconds=record.audio_seconds,
-                           frames=record.frames, outputs=json.dumps(record.outputs))  # fmt: skip
-            else:
-                data = storage.read_bytes(row["audio_uri"], s3)
-                samples, rate = decode_audio(data, max_seconds)
-                row.update(
-                    audio=prepare_audio(samples, rate, sample_rate),
-                    audio_seconds=len(samples) / rate,
-                )
-        except Exception as exc:  # one bad item is recorded, never fatal to the batch
-            row.update(status="failed", error=_reason(exc))
-        rows.append(row)
-    rows.sort(key=lambda r: len(r["audio"]))
-    return _columns(rows)
+    done = list_records.remote(spec.output, s3)
+    context = DataContext.get_current().copy()
+    context.target_max_block_size = BLOCK_BYTES
+    with DataContext.current(context):
+        # The reader mostly waits on storage; holding a CPU for the whole job would starve
+        # the decode tasks of small clusters. Its chunks are cut into decode-sized blocks, so
+        # each decode task takes one batch and many run at once.
+        items = ray.data.read_datasource(
+            CatalogSource(spec.catalog, s3, spec.allowed_prefixes), num_cpus=0,
+            override_num_blocks=1,
+        ).repartition(target_num_rows_per_block=DECODE_ROWS)  # fmt: skip
+        loaded = items.map_batches(
+            load_clips,
+            batch_size=DECODE_ROWS,
+            batch_format="numpy",
+            num_cpus=DECODE_CPUS,
+            compute=ray.data.TaskPoolStrategy(max(2, DECODE_TASKS_PER_ACTOR * spec.actors)),
+            fn_kwargs={
+                "output": spec.output, "model_id": source.model_id, "formats": formats,
+                "speaker": speaker, "overwrite": spec.overwrite, "sample_rate":
+                checkpoint.sample_rate, "max_seconds": spec.max_seconds, "done": [done],
+                "s3": s3,
+            },
+        )  # fmt: skip
+        return loaded.map_batches(
+            ClipAnimator,
+            compute=ray.data.ActorPoolStrategy(size=spec.actors),
+            batch_size=ANIMATE_BATCHES * spec.batch_size,
+            batch_format="numpy",
+            num_cpus=spec.cpus_per_actor,
+            num_gpus=1 if gpu else 0,
+            fn_constructor_kwargs={
+                "source": [ray.put(source)],
+                "model_id": source.model_id,
+                "output": spec.output,
+                "chunk_seconds": spec.chunk_seconds,
+                "batch_size": spec.batch_size,
+                "device": "cuda" if gpu else "cpu",
+                "s3": s3,
+            },
+        )
 
 
 class ClipAnimator:
@@ -295,8 +443,6 @@ class ClipAnimator:
         source: list[Any],
         model_id: str,
         output: str,
-        formats: list[str],
-        speaker: str | None,
         chunk_seconds: float,
         batch_size: int,
         device: str,
@@ -305,8 +451,7 @@ class ClipAnimator:
         # The source travels as an object reference (one copy in the object store per node),
         # wrapped in a list so Ray Data passes the reference rather than resolving it.
         self.checkpoint = ray.get(source[0]).load(device)
-        self.model_id, self.output, self.formats = model_id, output, formats
-        self.speaker = speaker or self.checkpoint.model.speakers[0]
+        self.model_id, self.output = model_id, output
         self.chunk_seconds, self.batch_size, self.device, self.s3 = (
             chunk_seconds, batch_size, device, s3,
         )  # fmt: skip
@@ -314,98 +459,133 @@ class ClipAnimator:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Animate the batch's pending rows; every row comes back with its final status."""
-        rows = _rows(batch)
+        rows = batch_rows(batch)
         pending = []
         for row in rows:
-            if row["status"] != _PENDING:
+            if row["status"] != PENDING:
                 continue
             try:
-                pending.append((row, self._clip(row)))
+                pending.append((row, self._face(row)))
             except Exception as exc:  # one bad item is recorded, never fatal to the batch
-                row.update(status="failed", error=_reason(exc))
-        for row, vertices in self._animate(pending):
-            try:
-                if isinstance(vertices, Exception):
-                    raise vertices
-                self._write(row, vertices)
-            except Exception as exc:  # one bad item is recorded, never fatal to the batch
-                row.update(status="failed", error=_reason(exc))
-        for row in rows:
-            row.pop("audio")
-        return _columns(rows)
-
-    def _clip(self, row: dict[str, Any]) -> Clip:
-        if row["template_uri"]:
-            return Clip(row["audio"], self._template(row["template_uri"]), -1)
-        template, index = self.checkpoint.face(row["speaker"] or self.speaker)
-        return Clip(row["audio"], template, index)
-
-    def _animate(
-        self, pending: list[tuple[dict[str, Any], Clip]]
-    ) -> list[tuple[dict[str, Any], np.ndarray | Exception]]:
+                row.update(status="failed", error=reason(exc))
         outcomes = animate_isolated(
-            self.checkpoint, [clip for _, clip in pending], chunk_seconds=self.chunk_seconds,
-            max_batch=self.batch_size, device=self.device,
+            self.checkpoint, [row["audio"] for row, _ in pending], [face for _, face in pending],
+            chunk_seconds=self.chunk_seconds, max_batch=self.batch_size, device=self.device,
         )  # fmt: skip
-        return list(zip((row for row, _ in pending), outcomes, strict=True))
+        for (row, _), animation in zip(pending, outcomes, strict=True):
+            try:
+                if isinstance(animation, Exception):
+                    raise animation
+                self._write(row, animation)
+            except Exception as exc:  # one bad item is recorded, never fatal to the batch
+                row.update(status="failed", error=reason(exc))
+        # Only what the results manifest holds travels on: the audio stays here.
+        return batch_columns([{name: row[name] for name in MANIFEST_SCHEMA.names} for row in rows])
 
-    def _write(self, row: dict[str, Any], vertices: np.ndarray) -> None:
-        base = storage.join(self.output, row["item_id"])
-        topology = self.checkpoint.model.topology
+    def _face(self, row: dict[str, Any]) -> Face:
+        inputs = ItemInputs.model_validate_json(row["inputs"])
+        if inputs.template_uri:
+            return face_of(self.checkpoint, self._template(inputs.template_uri))
+        return face_of(self.checkpoint, *self.checkpoint.face(inputs.speaker))
+
+    def _write(self, row: dict[str, Any], animation: Animation) -> None:
+        inputs = ItemInputs.model_validate_json(row["inputs"])
+        for stale in json.loads(row["stale"]):
+            storage.delete(record_uri(self.output, inputs.item_id, stale), self.s3)
+        vertices, topology = animation.vertices, animation.topology
         outputs = write_outputs(
-            vertices, self.checkpoint.fps, topology, base, set(self.formats), self.s3
-        )
+            vertices, self.checkpoint.fps, topology, storage.join(self.output, inputs.item_id),
+            set(inputs.formats), self.s3, rig=animation.rig,
+        )  # fmt: skip
         record = ItemRecord(
-            item_id=row["item_id"], audio_uri=row["audio_uri"], model=self.model_id,
-            formats=self.formats, outputs=outputs, audio_seconds=row["audio_seconds"],
+            inputs=inputs, outputs=outputs, audio_seconds=row["audio_seconds"],
             frames=len(vertices), fps=self.checkpoint.fps, topology_id=topology.id,
             finished=datetime.now(UTC),
         )  # fmt: skip
         # Written after every output: its presence is what makes the item done.
-        storage.write_bytes(f"{base}.json", record.model_dump_json().encode(), self.s3)
-        row.update(status="animated", frames=len(vertices), outputs=json.dumps(outputs))
+        uri = record_uri(self.output, inputs.item_id, inputs.fingerprint())
+        storage.write_bytes(uri, record.model_dump_json().encode(), self.s3)
+        uris = {f"{fmt}_uri": uri for fmt, uri in outputs.items() if fmt in FORMATS}
+        row.update(status="animated", frames=len(vertices), **uris)
 
     def _template(self, uri: str) -> np.ndarray:
         if uri not in self.templates:
             if len(self.templates) >= TEMPLATE_CACHE:
                 self.templates.pop(next(iter(self.templates)))
-            self.templates[uri] = load_template(uri, self.checkpoint.model.topology.num_vertices,
-                                                self.s3)  # fmt: skip
+            self.templates[uri] = load_template(uri, template_sizes(self.checkpoint), self.s3)
         return self.templates[uri]
+
+
+def whole_head(checkpoint: Checkpoint) -> bool:
+    """Whether the checkpoint animates the whole ICT head (and so can solve ARKit weights)."""
+    return checkpoint.topology.display is not None and checkpoint.model.queries_points
+
+
+def template_sizes(checkpoint: Checkpoint) -> tuple[int, ...]:
+    """Vertex counts a neutral face for this checkpoint may have: its mesh's, and the head's."""
+    sizes = (checkpoint.topology.num_vertices,)
+    if whole_head(checkpoint):
+        from mmtalker.rig.head import display_head
+
+        sizes += (display_head(checkpoint.topology).num_vertices,)
+    return sizes
 
 
 def animate_isolated(
     checkpoint: Checkpoint,
-    clips: list[Clip],
+    audios: list[np.ndarray],
+    faces: list[Face],
     *,
     chunk_seconds: float = 20.0,
     max_batch: int = 16,
     device: str = "cpu",
-) -> list[np.ndarray | Exception]:
-    """Positions per clip, or the exception that clip raised: a group that fails is retried
-    clip by clip, so one bad clip fails alone instead of taking its batch with it."""
+) -> list[Animation | Exception]:
+    """The animation of each clip (audio at the model's rate) on its face, or the exception it
+    raised: one bad clip fails alone instead of taking its batch with it.
 
-    def run(group: list[Clip]) -> list[np.ndarray]:
+    Faces with a whole head are animated one by one (their points differ per person); the
+    others in length-sorted padded batches, a failed batch retried clip by clip.
+    """
+    outcomes: list[Animation | Exception | None] = [None] * len(audios)
+    batched = [i for i, face in enumerate(faces) if face.head is None]
+    for i, face in enumerate(faces):
+        if face.head is not None:
+            try:
+                outcomes[i] = animate_face(
+                    audios[i], face, checkpoint, sample_rate=checkpoint.sample_rate,
+                    chunk_seconds=chunk_seconds, device=device,
+                )  # fmt: skip
+            except Exception as exc:  # returned, not raised: the clip fails alone
+                outcomes[i] = exc
+
+    def run(group: list[int]) -> list[np.ndarray]:
+        clips = [Clip(audios[i], faces[i].template, faces[i].speaker) for i in group]
         return animate_clips(
-            group, checkpoint.model, model_sample_rate=checkpoint.sample_rate,
+            clips, checkpoint.model, model_sample_rate=checkpoint.sample_rate,
             fps=checkpoint.fps, chunk_seconds=chunk_seconds, max_batch=max_batch, device=device,
         )  # fmt: skip
 
     try:
-        return list(run(clips))
+        results: list[np.ndarray | Exception] = list(run(batched))
     except Exception:  # find the clip that broke the group; each failure is returned, not raised
-        outcomes: list[np.ndarray | Exception] = []
-        for clip in clips:
+        results = []
+        for i in batched:
             try:
-                outcomes.append(run([clip])[0])
+                results.append(run([i])[0])
             except Exception as exc:
-                outcomes.append(exc)
-        return outcomes
+                results.append(exc)
+    for i, result in zip(batched, results, strict=True):
+        outcomes[i] = (
+            result if isinstance(result, Exception)
+            else Animation(result, checkpoint.topology, None)
+        )  # fmt: skip
+    return outcomes  # type: ignore[return-value]
 
 
-def load_template(uri: str, num_vertices: int, s3: S3Settings | None = None) -> np.ndarray:
-    """A neutral face (V, 3) from ``.npy``, ``.npz`` (``vertices`` or ``template``), OBJ or PLY."""
-    data = storage.read_bytes(uri, s3)
+def load_template(uri: str, sizes: tuple[int, ...], s3: S3Settings | None = None) -> np.ndarray:
+    """A neutral face (V, 3) with V one of ``sizes``, from ``.npy``, ``.npz`` (``vertices`` or
+    ``template``), OBJ or PLY."""
+    data = storage.read_bytes(uri, s3, TEMPLATE_MAX_BYTES)
     suffix = Path(uri).suffix.lower()
     try:
         if suffix == ".npy":
@@ -420,60 +600,22 @@ def load_template(uri: str, num_vertices: int, s3: S3Settings | None = None) -> 
     except (ValueError, KeyError, StopIteration, OSError) as exc:
         raise MMTalkerError(f"cannot read template {uri}: {exc}") from exc
     vertices = np.asarray(vertices, np.float32)
-    if vertices.shape != (num_vertices, 3) or not np.isfinite(vertices).all():
+    if vertices.ndim != 2 or vertices.shape[1:] != (3,) or len(vertices) not in sizes:
         raise MMTalkerError(
-            f"template {uri} must hold {num_vertices} finite vertices (the model's topology), "
-            f"got shape {vertices.shape}"
+            f"template {uri} must hold {' or '.join(map(str, sizes))} vertices (the model's mesh"
+            f"{' or the whole head' if len(sizes) > 1 else ''}), got shape {vertices.shape}"
         )
+    if not np.isfinite(vertices).all():
+        raise MMTalkerError(f"template {uri} holds NaN or infinite positions")
     return vertices
 
 
-class ItemRecord(BaseModel):
-    """``OUTPUT/<item_id>.json``, written after an item's outputs: the item is done."""
-
-    item_id: str
-    audio_uri: str
-    model: str
-    formats: list[str]
-    outputs: dict[str, str]
-    audio_seconds: float
-    frames: int
-    fps: float
-    topology_id: str
-    finished: datetime
-
-
-def _finished(
-    row: dict[str, Any], output: str, model_id: str, formats: list[str], s3: S3Settings
-) -> ItemRecord | None:
-    """The item's record when an earlier run finished it with this model and these formats."""
-    uri = storage.join(output, f"{row['item_id']}.json")
-    if not storage.is_file(uri, s3):
-        return None
-    try:
-        record = ItemRecord.model_validate_json(storage.read_bytes(uri, s3))
-    except ValidationError:
-        return None  # not ours, or damaged: the item is redone and the record replaced
-    same = (
-        record.model == model_id
-        and record.audio_uri == row["audio_uri"]
-        and set(formats) <= set(record.formats)
-    )
-    return record if same else None
-
-
 def _write_progress(
-    spec: AnimateJobSpec,
-    model_id: str,
-    total: int,
-    results: dict[int, ItemResult],
-    state: str,
-    s3: S3Settings,
+    spec: AnimateJobSpec, model_id: str, tally: Tally, state: str, s3: S3Settings
 ) -> None:
-    counts = Counter(r.status for r in results.values())
     progress = {
-        "name": spec.name, "state": state, "model": model_id, "total": total,
-        "done": len(results), **{s: counts[s] for s in ("animated", "skipped", "failed")},
+        "name": spec.name, "state": state, "model": model_id, "total": tally.total,
+        "done": tally.done, **{s: tally.counts[s] for s in ("animated", "skipped", "failed")},
         "updated": datetime.now(UTC).isoformat(),
     }  # fmt: skip
     storage.write_bytes(
@@ -481,42 +623,16 @@ def _write_progress(
     )
 
 
-def _reason(exc: Exception) -> str:
-    """A one-line failure reason: our own errors speak for themselves, others name their type."""
-    text = " ".join(str(exc).split())
-    return text if isinstance(exc, MMTalkerError) else f"{type(exc).__name__}: {text}"
-
-
-def _rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    names = list(batch)
-    return [dict(zip(names, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-
-
-def _columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    columns: dict[str, np.ndarray] = {}
-    for name in rows[0] if rows else ():
-        values = [row[name] for row in rows]
-        if name == "audio":
-            # An object array of differently sized arrays: Ray's variable-shaped tensor column.
-            column = np.empty(len(values), dtype=object)
-            column[:] = values
-        else:
-            column = np.array(values)
-        columns[name] = column
-    return columns
-
-
-def _clean(row: dict[str, Any]) -> dict[str, Any]:
-    """A pipeline row → manifest fields (placeholders for "none" become None)."""
-    outputs = json.loads(row["outputs"]) if row["outputs"] else {}
-    seconds = float(row["audio_seconds"])
-    frames = int(row["frames"])
-    return {
-        "item_id": str(row["item_id"]),
-        "audio_uri": str(row["audio_uri"]),
-        "status": str(row["status"]),
-        "audio_seconds": None if math.isnan(seconds) else seconds,
-        "frames": None if frames < 0 else frames,
-        **{f"{fmt}_uri": outputs.get(fmt) for fmt in ("npz", "glb", "obj")},
-        "error": str(row["error"]) or None,
-    }
+def manifest_rows(batch: pa.Table) -> pa.Table:
+    """The actors' rows as results manifest rows: placeholders for "none" become nulls."""
+    columns = {}
+    for field in MANIFEST_SCHEMA:
+        column = batch[field.name]
+        if field.name == "audio_seconds":
+            column = pc.if_else(pc.is_nan(column), None, column)
+        elif field.name == "frames":
+            column = pc.if_else(pc.less(column, 0), None, column)
+        elif field.name in URI_COLUMNS or field.name == "error":
+            column = pc.if_else(pc.equal(column, ""), None, column)
+        columns[field.name] = column.cast(field.type)
+    return pa.table(columns, schema=MANIFEST_SCHEMA)

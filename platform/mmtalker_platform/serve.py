@@ -2,44 +2,81 @@
 
 Routes (``jobs/serve.yaml`` deploys it with ``serve deploy``; ``mmtalker serve`` runs it here):
 
-- ``POST /v1/animate?format=npz|glb&speaker=NAME``: the body is one audio file (wav, flac, ogg,
-  mp3); the answer is the animation as ``.npz`` or ``.glb``. Requests are grouped by
+- ``POST /v1/animate?format=npz|glb|arkit&speaker=NAME``: the body is one audio file (wav, flac,
+  ogg, mp3); the answer is the animation as ``.npz``, ``.glb`` (rigged with ARKit-named morph
+  targets for models of the ICT head) or ``arkit``: the per-frame ARKit-52 weights as JSON (ICT
+  models only). Requests are grouped by
   ``@serve.batch`` and clips of similar length run as one model call.
 - ``POST /v1/jobs``: JSON ``{"catalog", "output", ...}`` submits a batch animation job through
   the Ray Jobs API; answers ``202 {"id"}``.
 - ``GET /v1/jobs/{id}``: the job's state and its item counts so far.
 - ``GET /healthz``: the model being served.
 
-With the variable named by ``token_env`` set where the application is built, every route but
-``/healthz`` needs ``Authorization: Bearer <token>``.
+With the variable named by ``token_env`` set in the replicas' environment, every route but
+``/healthz`` needs ``Authorization: Bearer <token>``. The token is read inside the replica, so it
+never travels in the deployments' arguments (which Serve stores and shows).
+
+Under overload and faults the application sheds load instead of failing: requests beyond the
+bounded queues, requests still unanswered after ``request_timeout_s`` and requests whose model
+replica died get ``503`` with ``Retry-After``; no other 5xx is answered.
 """
 
 import asyncio
 import hmac
 import io
+import json
+import logging
 import os
 import shlex
 import sys
 import uuid
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
 
 import numpy as np
+import ray
 from fastapi import FastAPI, HTTPException, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve import Application
-from ray.serve.handle import DeploymentHandle
+from ray.serve.config import AutoscalingConfig, BackpressureConfig
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from mmtalker.errors import AudioError, AudioTooLongError, MMTalkerError
-from mmtalker.inference import Clip, decode_audio, prepare_audio
-from mmtalker.io.export import npz_bytes, to_glb
-from mmtalker_platform.batch import animate_isolated, read_progress
+from mmtalker.inference import decode_audio, face_of, prepare_audio
+from mmtalker.io.export import output_bytes
+from mmtalker_platform.batch import animate_isolated, read_progress, whole_head
+from mmtalker_platform.catalog import within
 from mmtalker_platform.model_source import resolve_model
+from mmtalker_platform.redaction import redact, redact_text
 from mmtalker_platform.settings import PlatformSettings
 from mmtalker_platform.spec import ModelChoice
 
 JOB_PREFIX = "animate-"
+#: Largest ``POST /v1/jobs`` body: a job request is a few fields.
+JOB_BODY_BYTES = 64 * 2**10
+#: What a model replica that is gone, overloaded or too slow makes the API answer.
+UNAVAILABLE = (BackPressureError, RayActorError, ReplicaUnavailableError,
+               DeploymentUnavailableError, TimeoutError)  # fmt: skip
+logger = logging.getLogger("ray.serve")
+
+
+class ScalingSpec(BaseModel):
+    """Autoscaling of the model replicas by the requests each is working on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(4, ge=1)
+    #: Requests per replica the autoscaler aims at (a batch and a half keeps batches full).
+    target_ongoing_requests: float = Field(12.0, gt=0)
 
 
 class ServeConfig(ModelChoice):
@@ -52,11 +89,23 @@ class ServeConfig(ModelChoice):
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.02, ge=0)
     replicas: int = Field(1, ge=1)
+    #: Scale the model replicas with the load instead of keeping ``replicas``.
+    autoscaling: ScalingSpec | None = None
     cpus_per_replica: float = Field(1.0, gt=0)
     use_gpu: bool = False
-    #: Environment variable holding the bearer token; unset or empty means no authentication.
+    #: CPUs of each HTTP front replica: it reads, decodes and resamples the uploads.
+    decode_cpus: float = Field(1.0, gt=0)
+    #: Requests waiting for a replica, per caller, beyond those being worked on; more get 503
+    #: with ``Retry-After: retry_after_s``. Bounds memory and the wait of accepted requests.
+    max_queued_requests: int = Field(32, ge=1)
+    retry_after_s: int = Field(2, ge=1)
+    #: An animation not answered within this gets 503 (the server is overloaded).
+    request_timeout_s: float = Field(60.0, gt=0)
+    #: Environment variable holding the bearer token, read in the replicas; unset or empty
+    #: means no authentication.
     token_env: str = "MMTALKER_SERVE_TOKEN"
-    #: Ray Jobs API for ``POST /v1/jobs`` (default: MMTALKER_RAY_DASHBOARD or the local one).
+    #: Ray Jobs API for ``POST /v1/jobs``; default: MMTALKER_RAY_DASHBOARD when set, else the
+    #: dashboard of the Ray cluster the application runs in.
     jobs_address: str | None = None
     #: Locations jobs may read catalogs from and write outputs to (``s3://bucket/prefix/`` or
     #: absolute paths). Without a token, POST /v1/jobs is refused unless this names some.
@@ -71,12 +120,12 @@ class ServeConfig(ModelChoice):
 
     def allows(self, location: str) -> bool:
         """Whether ``location`` lies under one of ``job_prefixes`` (and has no ``..``)."""
-        if ".." in location.split("/"):
-            return False
-        return any(
-            location == prefix.rstrip("/") or location.startswith(prefix.rstrip("/") + "/")
-            for prefix in self.job_prefixes
-        )
+        return within(location, self.job_prefixes)
+
+    @property
+    def model_batches(self) -> int:
+        """Requests a model replica takes at once: one batch running, one gathering."""
+        return 2 * self.max_batch_size
 
 
 class JobRequest(BaseModel):
@@ -87,7 +136,7 @@ class JobRequest(BaseModel):
     catalog: str = Field(min_length=1)
     output: str = Field(min_length=1)
     model: str | None = None
-    formats: list[Literal["npz", "glb", "obj"]] = ["npz"]
+    formats: list[Literal["npz", "glb", "obj", "arkit"]] = ["npz"]
     speaker: str | None = None
     overwrite: bool = False
     actors: int = Field(1, ge=1, le=64)
@@ -98,13 +147,19 @@ class JobRequest(BaseModel):
             value = getattr(self, field)
             if "://" not in value and not value.startswith("/"):
                 raise ValueError(f"{field} must be an s3:// URI or an absolute path on the cluster")
+            # A job's arguments are stored by the Jobs API: credentials have no place there.
+            if "://" in value and "@" in urlparse(value).netloc:
+                raise ValueError(
+                    f"{field} must not carry credentials; the cluster has its own for storage"
+                )
         return self
 
 
 def check_job_locations(config: ServeConfig, token: str, job: JobRequest) -> None:
     """Jobs read and write where the server allows (403 otherwise); an open server submits none.
 
-    Defined before the deployments: Serve captures their module globals when they are declared.
+    Defined before the deployments, as every function they use: Serve captures their module
+    globals when they are declared.
     """
     prefixes = config.job_prefixes
     if not token and not prefixes:
@@ -119,6 +174,19 @@ def check_job_locations(config: ServeConfig, token: str, job: JobRequest) -> Non
             )
 
 
+def jobs_address(config: ServeConfig, settings: PlatformSettings) -> str:
+    """The Jobs API jobs go to: ``jobs_address``, MMTALKER_RAY_DASHBOARD, or this cluster's.
+
+    Inside the cluster, the address of its GCS is enough: the Jobs API client looks the
+    dashboard up there, which is how a RayService's replicas find their own cluster's.
+    """
+    if config.jobs_address:
+        return config.jobs_address
+    if "ray_dashboard" in settings.model_fields_set:
+        return settings.ray_dashboard
+    return ray.get_runtime_context().gcs_address
+
+
 class AnimateItem(BaseModel):
     """One online request, as the animator deployment receives it."""
 
@@ -126,7 +194,7 @@ class AnimateItem(BaseModel):
 
     audio: np.ndarray
     speaker: str | None
-    format: Literal["npz", "glb"]
+    format: Literal["npz", "glb", "arkit"]
 
 
 class AnimateResult(BaseModel):
@@ -169,23 +237,32 @@ class Animator:
     def _animate(self, items: list[AnimateItem]) -> list[AnimateResult]:
         checkpoint = self.checkpoint
         results = [AnimateResult(batch_size=len(items)) for _ in items]
-        clips, where = [], []
+        faces, where = [], []
         for index, item in enumerate(items):
             try:
-                template, speaker = checkpoint.face(item.speaker)
+                if item.format == "arkit" and not whole_head(checkpoint):
+                    raise MMTalkerError(
+                        f"format arkit needs a model of the ICT head; {self.model_id} animates "
+                        "its own mesh only"
+                    )
+                faces.append(face_of(checkpoint, *checkpoint.face(item.speaker)))
             except MMTalkerError as exc:
                 results[index] = AnimateResult(status=400, error=str(exc))
                 continue
-            clips.append(Clip(item.audio, template, speaker))
             where.append(index)
-        outcomes = animate_isolated(checkpoint, clips, max_batch=len(items), device=self.device)
-        for index, vertices in zip(where, outcomes, strict=True):
+        outcomes = animate_isolated(
+            checkpoint, [items[i].audio for i in where], faces, max_batch=len(items),
+            device=self.device,
+        )  # fmt: skip
+        for index, animation in zip(where, outcomes, strict=True):
             try:
-                if isinstance(vertices, Exception):
-                    raise vertices
-                encode = npz_bytes if items[index].format == "npz" else to_glb
-                results[index].content = encode(vertices, checkpoint.fps, checkpoint.topology)
-                results[index].frames = len(vertices)
+                if isinstance(animation, Exception):
+                    raise animation
+                results[index].content = output_bytes(
+                    animation.vertices, checkpoint.fps, animation.topology, items[index].format,
+                    animation.rig,
+                )  # fmt: skip
+                results[index].frames = len(animation.vertices)
             except Exception as exc:  # this request fails alone; the rest of its batch is served
                 results[index] = AnimateResult(status=500, error=f"animation failed: {exc}")
         return results
@@ -199,10 +276,11 @@ app = FastAPI(title="MMTalker", description="Speech-driven 3D facial animation."
 class Api:
     """HTTP front: authentication, limits, decoding; the animator does the model work."""
 
-    def __init__(self, animator: DeploymentHandle, config: ServeConfig, token: str) -> None:
+    def __init__(self, animator: DeploymentHandle, config: ServeConfig) -> None:
         self.animator = animator
         self.config = config
-        self.token = token
+        # Read here, in the replica: deployment arguments are stored and shown by Serve.
+        self.token = os.environ.get(config.token_env, "")
         self.settings = PlatformSettings()
         self.model_info: dict[str, Any] | None = None
         self.jobs_client: Any = None
@@ -216,7 +294,7 @@ class Api:
     async def animate(
         self,
         request: Request,
-        format: Annotated[Literal["npz", "glb"], Query()] = "npz",
+        format: Annotated[Literal["npz", "glb", "arkit"], Query()] = "npz",
         speaker: Annotated[str | None, Query()] = None,
     ) -> Response:
         """Animate the uploaded audio file; the body is the file itself."""
@@ -229,10 +307,13 @@ class Api:
             status = 413 if isinstance(exc, AudioTooLongError) else 400
             raise HTTPException(status, str(exc)) from exc
         item = AnimateItem(audio=audio, speaker=speaker, format=format)
-        result: AnimateResult = await self.animator.animate.remote(item)
+        result: AnimateResult = await self._call("animate", item)
         if result.status != 200:
             raise HTTPException(result.status, result.error)
-        media = "application/octet-stream" if format == "npz" else "model/gltf-binary"
+        media = {
+            "npz": "application/octet-stream", "glb": "model/gltf-binary",
+            "arkit": "application/json",
+        }[format]  # fmt: skip
         return Response(
             result.content,
             media_type=media,
@@ -243,28 +324,40 @@ class Api:
         )  # fmt: skip
 
     @app.post("/v1/jobs", status_code=202)
-    async def submit_job(self, request: Request, job: JobRequest) -> dict[str, str]:
+    async def submit_job(self, request: Request) -> dict[str, str]:
         """Submit a catalog animation job to the Ray Jobs API; returns its id."""
         self._authorize(request)
+        body = await self._read_limited(request, JOB_BODY_BYTES)
+        try:
+            job = JobRequest.model_validate_json(body)
+        except ValidationError as exc:
+            # Pydantic echoes the input: a URI with a password in it must not come back.
+            raise HTTPException(422, redact(json.loads(exc.json(include_url=False)))) from exc
         check_job_locations(self.config, self.token, job)
         submission_id = f"{JOB_PREFIX}{uuid.uuid4().hex[:12]}"
+        # The job reads and writes only where this server allows, manifest rows included.
+        allowed = [arg for prefix in self.config.job_prefixes for arg in ("--allow", prefix)]
         command = [
             sys.executable, "-m", "mmtalker_platform.cli", "animate", "--catalog", job.catalog,
             "--output", job.output, "--formats", ",".join(job.formats), "--actors",
-            str(job.actors), "--name", submission_id,
+            str(job.actors), "--name", submission_id, *allowed,
             *self._model_arguments(job), *(["--speaker", job.speaker] if job.speaker else []),
             *(["--overwrite"] if job.overwrite else []),
         ]  # fmt: skip
+        # No environment is passed: the job gets the cluster's own (registry, storage
+        # credentials), so no secret enters the job's record in the Jobs API.
+        metadata = redact({"kind": "animate", "output": job.output, "catalog": job.catalog})
         client = await asyncio.to_thread(self._jobs)
         try:
             await asyncio.to_thread(
-                client.submit_job,
-                entrypoint=shlex.join(command),
-                submission_id=submission_id,
-                metadata={"kind": "animate", "output": job.output, "catalog": job.catalog},
-            )
+                client.submit_job, entrypoint=shlex.join(command), submission_id=submission_id,
+                metadata=metadata,
+            )  # fmt: skip
         except RuntimeError as exc:
-            raise HTTPException(502, f"the Ray Jobs API refused the job: {exc}") from exc
+            raise HTTPException(
+                502, f"the Ray Jobs API refused the job: {redact_text(str(exc))}"
+            ) from exc
+        logger.info("submitted %s: %s", submission_id, redact_text(shlex.join(command)))
         return {"id": submission_id, "status_url": f"/v1/jobs/{submission_id}"}
 
     @app.get("/v1/jobs/{job_id}")
@@ -278,13 +371,13 @@ class Api:
             # The Jobs API client turns every non-200 answer into a RuntimeError naming it.
             if "status code 404" in str(exc):
                 raise HTTPException(404, f"no animation job {job_id!r}") from exc
-            raise HTTPException(502, f"the Ray Jobs API failed: {exc}") from exc
+            raise HTTPException(502, f"the Ray Jobs API failed: {redact_text(str(exc))}") from exc
         metadata = info.metadata or {}
         if metadata.get("kind") != "animate":
             raise HTTPException(404, f"no animation job {job_id!r}")
         progress = await asyncio.to_thread(read_progress, metadata["output"], self.settings.s3)
         # The first line only: a failed job's message can carry the tail of its log.
-        message = (info.message or "").strip().split("\n")[0][:300]
+        message = redact_text((info.message or "").strip().split("\n")[0])[:300]
         return {
             "id": job_id, "status": str(info.status.value), "message": message,
             "catalog": metadata["catalog"], "output": metadata["output"], "progress": progress,
@@ -307,17 +400,39 @@ class Api:
         from ray.job_submission import JobSubmissionClient
 
         if self.jobs_client is None:
-            address = self.config.jobs_address or self.settings.ray_dashboard
+            address = jobs_address(self.config, self.settings)
             try:
                 self.jobs_client = JobSubmissionClient(address)
-            except ConnectionError as exc:
-                raise HTTPException(503, f"the Ray Jobs API at {address} is unreachable") from exc
+            except (ConnectionError, ValueError) as exc:
+                raise HTTPException(
+                    503, f"the Ray Jobs API at {address} is unreachable",
+                    headers={"Retry-After": str(self.config.retry_after_s)},
+                ) from exc  # fmt: skip
         return self.jobs_client
 
     async def _info(self) -> dict[str, Any]:
         if self.model_info is None:
-            self.model_info = await self.animator.info.remote()
+            self.model_info = await self._call("info")
         return self.model_info
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        """A model replica's answer; 503 when the replicas are full, gone or too slow."""
+        response: DeploymentResponse | None = None
+        try:
+            response = getattr(self.animator, method).remote(*args)
+            return await asyncio.wait_for(response, self.config.request_timeout_s)
+        except UNAVAILABLE as exc:
+            if response is not None:
+                response.cancel()
+            reason = (
+                "the model replicas are busy"
+                if isinstance(exc, BackPressureError | TimeoutError)
+                else "the model replica is unavailable"
+            )
+            raise HTTPException(
+                503, f"{reason}; retry in {self.config.retry_after_s} s",
+                headers={"Retry-After": str(self.config.retry_after_s)},
+            ) from exc  # fmt: skip
 
     def _authorize(self, request: Request) -> None:
         if not self.token:
@@ -332,12 +447,11 @@ class Api:
                 401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
             )
 
-    async def _read_limited(self, request: Request) -> bytes:
-        """The body, refused with 413 as soon as it is known to exceed the upload limit."""
-        limit = int(self.config.max_upload_mb * 2**20)
-        too_big = HTTPException(
-            413, f"upload exceeds the {self.config.max_upload_mb:g} MiB limit of this server"
-        )
+    async def _read_limited(self, request: Request, limit: int | None = None) -> bytes:
+        """The body, refused with 413 as soon as it is known to exceed the limit (default:
+        the upload limit)."""
+        limit = limit or int(self.config.max_upload_mb * 2**20)
+        too_big = HTTPException(413, f"the body exceeds the {limit / 2**20:g} MiB limit here")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise too_big
@@ -362,16 +476,30 @@ def build_app(config: ServeConfig) -> Application:
 
         info = show(config.tracking_uri or PlatformSettings().tracking_uri, config.model)
         config = config.model_copy(update={"model": f"{info.name}/{info.version}"})
-    token = os.environ.get(config.token_env, "")
     resources: dict[str, Any] = {"num_cpus": config.cpus_per_replica}
     if config.use_gpu:
         resources["num_gpus"] = 1
+    scaling: dict[str, Any] = (
+        {"num_replicas": config.replicas}
+        if config.autoscaling is None
+        else {"autoscaling_config": AutoscalingConfig(**config.autoscaling.model_dump())}
+    )
+    # Both deployments shed load the same way: Serve answers a full queue of either with 503
+    # and Retry-After by itself, on the way in or out of the HTTP front.
+    backpressure = BackpressureConfig(status_code=503, retry_after_s=config.retry_after_s)
     animator = Animator.options(
-        num_replicas=config.replicas,
         ray_actor_options=resources,
-        max_ongoing_requests=max(4 * config.max_batch_size, 32),
+        max_ongoing_requests=config.model_batches,
+        max_queued_requests=config.max_queued_requests,
+        backpressure_config=backpressure,
+        **scaling,
     ).bind(config)
-    # The front must let as many requests through as a batch can hold, or batches stay small.
+    # The front lets through what every model replica can hold and queue, so batches fill and
+    # the queues below bound the wait; beyond that the proxy answers 503 itself.
+    replicas = config.autoscaling.max_replicas if config.autoscaling else config.replicas
     return Api.options(
-        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=max(4 * config.max_batch_size, 32)
-    ).bind(animator, config, token)
+        ray_actor_options={"num_cpus": config.decode_cpus},
+        max_ongoing_requests=replicas * config.model_batches + config.max_queued_requests,
+        max_queued_requests=config.max_queued_requests,
+        backpressure_config=backpressure,
+    ).bind(animator, config)

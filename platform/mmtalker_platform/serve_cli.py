@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -12,6 +14,14 @@ from pydantic import ValidationError
 from mmtalker.errors import MMTalkerError
 
 APP_NAME = "mmtalker"
+
+
+class Stopped(Exception):
+    """SIGTERM asked the server to stop (what Kubernetes and systemd send)."""
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise Stopped(signal.Signals(signum).name)
 
 
 def read_serve_config(path: Path) -> dict[str, Any]:
@@ -35,7 +45,8 @@ def serve_command(
         Path | None, typer.Option(help="Checkpoint folder (overrides config).")
     ] = None,
 ) -> None:
-    """Serve online animation and catalog jobs over HTTP until interrupted (Ctrl-C)."""
+    """Serve online animation and catalog jobs over HTTP until stopped (Ctrl-C, SIGTERM)."""
+    import ray
     from ray import serve
 
     from mmtalker_platform.cluster import connect
@@ -54,9 +65,18 @@ def serve_command(
         where = ".".join(str(p) for p in first["loc"]) or "args"
         raise MMTalkerError(f"{config}: {where}: {first['msg']}") from exc
     connect(PlatformSettings())
-    serve.start(http_options={"host": host, "port": port})
-    typer.echo(f"serving {APP_NAME} on http://{host}:{port} (POST /v1/animate, /v1/jobs)")
+    # Installed after Ray's own handler, which exits at once: Serve and the local Ray this
+    # command started would be left behind (an orphaned dashboard agent keeps its port, and
+    # the next Ray on the machine refuses every job). SIGTERM now stops as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _stop)
     try:
+        serve.start(http_options={"host": host, "port": port})
+        typer.echo(f"serving {APP_NAME} on http://{host}:{port} (POST /v1/animate, /v1/jobs)")
         serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=True)
+    except Stopped as stop:
+        typer.echo(f"{stop}: stopping {APP_NAME}")
     finally:
+        # Stopping takes seconds; a second SIGTERM must not cut it short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         serve.shutdown()
+        ray.shutdown()

@@ -144,7 +144,7 @@ class AnimateJobSpec(ModelChoice):
     #: Folder or s3:// prefix for per-item outputs and the results manifest.
     output: str
     #: Output formats besides the npz that is always written.
-    formats: list[Literal["npz", "glb", "obj"]] = ["npz"]
+    formats: list[Literal["npz", "glb", "obj", "arkit"]] = ["npz"]
     #: Training speaker whose face animates items that name no speaker or template.
     speaker: str | None = None
     #: Redo items that earlier runs finished (otherwise they are skipped).

@@ -71,6 +71,26 @@ def test_animate_writes_a_mesh_sequence(tiny_corpus: str, checkpoint: Path, tmp_
     assert "real time" in result.stdout
 
 
+def test_animate_an_ict_person_as_arkit_curves_and_a_rigged_glb(
+    ict_checkpoint_dir: Path, tmp_path: Path
+) -> None:
+    from mmtalker.rig import ARKIT_NAMES, load_ict
+
+    wav = tmp_path / "speech.wav"
+    sf.write(wav, (0.3 * np.sin(np.arange(16000) / 9)).astype(np.float32), 16000)
+    out = tmp_path / "person"
+    result = _run(
+        "animate", str(wav), "--checkpoint", str(ict_checkpoint_dir), "--out", str(out),
+        "--formats", "arkit,glb", "--identity", "7",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    with np.load(tmp_path / "person.npz", allow_pickle=False) as data:
+        assert data["vertices"].shape == (30, load_ict().num_vertices, 3)
+    header = (tmp_path / "person_arkit.csv").read_text().splitlines()[0].split(",")
+    assert header[2:54] == [name[0].upper() + name[1:] for name in ARKIT_NAMES]
+    assert (tmp_path / "person_arkit.json").is_file() and (tmp_path / "person.glb").is_file()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -441,7 +441,7 @@ def test_arkit_output_needs_the_rig_of_the_animated_mesh(
     face: FaceTemplate, speaker: Rig, tmp_path: Path
 ) -> None:
     frames = motion(face, frames=2)
-    with pytest.raises(ExportError, match="format arkit needs the speaker's rig"):
+    with pytest.raises(ExportError, match="format arkit needs the speaker's ARKit rig"):
         write_outputs(frames, FPS, face.topology, tmp_path / "a", {"arkit"})
     with pytest.raises(ExportError, match="the rig has 300 vertices but the animation's"):
         write_outputs(frames, FPS, face.topology, tmp_path / "b", {"arkit"}, rig=speaker)

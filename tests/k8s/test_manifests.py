@@ -134,6 +134,48 @@ def test_the_rayservice_serves_the_application_of_jobs_serve_yaml(render: Render
     ServeConfig.model_validate(deployed[0]["args"])
 
 
+def _jobs_api_problems(docs: list[dict[str, Any]]) -> list[str]:
+    """Why the RayService's replicas could not reach their own cluster's Jobs API, if they could
+    not: an address pinned to loopback, or a head dashboard other pods cannot reach."""
+    service = _find(docs, "RayService", "mmtalker-serve")
+    (application,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    cluster = service["spec"]["rayClusterConfig"]
+    configmaps = {
+        d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"
+    }
+    problems = []
+    if cluster["headGroupSpec"]["rayStartParams"].get("dashboard-host") != "0.0.0.0":
+        problems.append("head dashboard-host is not 0.0.0.0: replicas on workers cannot reach it")
+    addresses = {"args.jobs_address": ServeConfig.model_validate(application["args"]).jobs_address}
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for container in (c for g in groups for c in g["template"]["spec"]["containers"]):
+        env = {}
+        for source in container.get("envFrom", []):
+            env.update(configmaps.get(source.get("configMapRef", {}).get("name"), {}))
+        env.update({e["name"]: e.get("value") for e in container.get("env", [])})
+        for name in ("MMTALKER_RAY_DASHBOARD", "RAY_API_SERVER_ADDRESS"):
+            addresses[f"{container['name']} {name}"] = env.get(name)
+    for where, address in addresses.items():
+        if address and re.search(r"(^|//)(127\.|localhost|\[?::1\]?)", address):
+            problems.append(f"{where} = {address} points the replicas at themselves")
+    return problems
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_serve_reaches_the_jobs_api_of_its_own_cluster(variant: str, render: Render) -> None:
+    docs = render(K8S / "overlays" / variant)
+    assert _jobs_api_problems(docs) == []
+    broken = copy.deepcopy(docs)
+    _find(broken, "ConfigMap", "mmtalker-env")["data"]["MMTALKER_RAY_DASHBOARD"] = (
+        "http://127.0.0.1:8265"
+    )
+    service = _find(broken, "RayService", "mmtalker-serve")["spec"]["rayClusterConfig"]
+    service["headGroupSpec"]["rayStartParams"]["dashboard-host"] = "127.0.0.1"
+    problems = _jobs_api_problems(broken)
+    assert any("head dashboard-host" in p for p in problems)
+    assert any("ray-worker MMTALKER_RAY_DASHBOARD = http://127.0.0.1:8265" in p for p in problems)
+
+
 def test_the_tracking_uri_names_the_mlflow_service(render: Render) -> None:
     docs = render(K8S / "overlays" / "cpu")
     uri = _find(docs, "ConfigMap", "mmtalker-env")["data"]["MLFLOW_TRACKING_URI"]

@@ -10,8 +10,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from mmtalker import storage
 from mmtalker.storage import S3Settings
-from mmtalker_platform.catalog import CatalogError, check_output_outside, list_catalog
+from mmtalker_platform.catalog import (
+    CatalogError,
+    check_catalog,
+    check_output_outside,
+    iter_catalog,
+    list_catalog,
+    within,
+)
 
 
 def _touch(path: Path, data: bytes = b"RIFF") -> None:
@@ -60,7 +68,8 @@ def test_same_stem_twice_marks_the_second_as_duplicate(tmp_path: Path) -> None:
     assert first.item_id == second.item_id == "a"
     assert first.audio_uri.endswith("a.flac") and first.error == ""
     assert second.audio_uri.endswith("a.wav")
-    assert "duplicate item id 'a'" in second.error and first.audio_uri in second.error
+    assert second.error == "duplicate item id 'a' (catalog entry 0 has it)"
+    assert (first.index, second.index) == (0, 1)
 
 
 def test_empty_or_missing_prefix_is_an_error(tmp_path: Path) -> None:
@@ -85,8 +94,8 @@ def test_csv_manifest_resolves_relative_paths_and_keeps_empty_rows(tmp_path: Pat
     a, b, c, empty = list_catalog(str(manifest))
     # Relative paths are relative to the manifest's folder, not to the working directory.
     assert a.model_dump() == {
-        "item_id": "a", "audio_uri": str(folder / "clips/a.wav"), "speaker": "s0",
-        "template_uri": str(folder / "faces/s0.npy"), "error": "",
+        "index": 0, "audio_stat": None, "item_id": "a", "audio_uri": str(folder / "clips/a.wav"),
+        "speaker": "s0", "template_uri": str(folder / "faces/s0.npy"), "error": "",
     }  # fmt: skip
     assert (b.item_id, b.audio_uri, b.speaker, b.template_uri) == (
         "my_item_2",
@@ -122,8 +131,8 @@ def test_parquet_manifest_with_ids_speakers_and_templates(tmp_path: Path) -> Non
     one, missing, two, again = list_catalog(str(manifest))
     folder = manifest.parent
     assert one.model_dump() == {
-        "item_id": "one", "audio_uri": str(folder / "x/one.wav"), "speaker": "s0",
-        "template_uri": str(folder / "faces/s0.npy"), "error": "",
+        "index": 0, "audio_stat": None, "item_id": "one", "audio_uri": str(folder / "x/one.wav"),
+        "speaker": "s0", "template_uri": str(folder / "faces/s0.npy"), "error": "",
     }  # fmt: skip
     assert (missing.item_id, missing.error) == ("gone", "manifest row 2 has no audio URI")
     assert (two.item_id, two.speaker, two.template_uri, two.error) == (
@@ -211,6 +220,11 @@ def test_s3_prefix_and_manifest_on_the_moto_server(
     ]
     # Settings from the AWS_* variables (as a Ray worker would have them) list the same items.
     assert list_catalog(f"s3://{bucket}/audio") == items
+    # What the listing tells of each file is what opening it tells: a listed item is decided
+    # done or not without a request of its own.
+    for item in items:
+        with storage.open_file(item.audio_uri, s3_settings) as opened:
+            assert item.audio_stat == opened.stat and opened.stat.size == 4
     (manifest_item,) = list_catalog(f"s3://{bucket}/lists/m.csv", s3_settings)
     assert (manifest_item.item_id, manifest_item.audio_uri) == (
         "zed",
@@ -218,3 +232,56 @@ def test_s3_prefix_and_manifest_on_the_moto_server(
     )
     with pytest.raises(CatalogError, match="holds no files"):
         list_catalog(f"s3://{bucket}/nothing-here", s3_settings)
+
+
+def test_a_csv_manifest_is_streamed_in_chunks(tmp_path: Path) -> None:
+    manifest = tmp_path / "big.csv"
+    rows = "".join(f"clips/{i}.wav,item{i}\n" for i in range(2500))
+    # A broken byte far past the first chunk: a streamed manifest yields items before it.
+    manifest.write_bytes(f"audio,id\n{rows}".encode() + b"\xff\xfe,x\n")
+    chunks = iter_catalog(str(manifest), chunk=1000)
+    first = next(chunks)
+    assert [item.index for item in first] == list(range(1000))
+    assert (first[-1].item_id, first[-1].audio_uri) == ("item999", str(tmp_path / "clips/999.wav"))
+    with pytest.raises(CatalogError, match="cannot read catalog manifest"):
+        list(chunks)
+
+
+def test_items_outside_the_allowed_locations_fail(tmp_path: Path) -> None:
+    manifest = tmp_path / "list.csv"
+    manifest.write_text(
+        "audio,template\n"
+        "clips/a.wav,\n"
+        "/etc/b.wav,\n"
+        "clips/c.wav,/elsewhere/face.npy\n"
+        "clips/../../d.wav,\n"
+        "s3://other/e.wav,\n"
+    )
+    first, *outside = list_catalog(str(manifest), allowed=[f"{tmp_path}/"])
+    assert first.error == ""
+    wheres = ["/etc/b.wav", "/elsewhere/face.npy", "..", "s3://"]
+    for item, where in zip(outside, wheres, strict=True):
+        assert "outside the locations this job may read" in item.error and where in item.error
+    # Without limits every location is allowed.
+    assert all(item.error == "" for item in list_catalog(str(manifest)))
+
+
+def test_within_matches_whole_path_segments() -> None:
+    prefixes = ["s3://bucket/audio/", "/data"]
+    assert within("s3://bucket/audio/a.wav", prefixes) and within("/data/x/y.wav", prefixes)
+    assert within("/data", prefixes)
+    assert not within("s3://bucket/audio-private/a.wav", prefixes)
+    assert not within("/data/../etc/passwd", prefixes) and not within("/database", prefixes)
+
+
+def test_unreadable_catalogs_fail_before_any_job_starts(tmp_path: Path) -> None:
+    with pytest.raises(CatalogError, match="holds no files"):
+        check_catalog(str(tmp_path / "missing"))
+    with pytest.raises(CatalogError, match="no such file"):
+        check_catalog(str(tmp_path / "missing.csv"))
+    (tmp_path / "list.csv").write_text("file\na.wav\n")
+    with pytest.raises(CatalogError, match="needs an audio URI column"):
+        check_catalog(str(tmp_path / "list.csv"))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.wav").write_bytes(b"RIFF")
+    check_catalog(str(tmp_path / "folder"))

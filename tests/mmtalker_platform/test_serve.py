@@ -5,29 +5,44 @@ from __future__ import annotations
 import importlib
 import io
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import cloudpickle
 import numpy as np
 import pytest
+import ray
 import requests
 import soundfile as sf
 import torch
 import yaml
 from fastapi import HTTPException
 from ray import serve
+from ray.job_submission import JobSubmissionClient
+from ray.serve._private.build_app import build_app as build_deployments
 from ray.serve.schema import ServeDeploySchema
+from ray.util.state import list_actors
 
 from mmtalker.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from mmtalker.data.sequence import Topology
 from mmtalker.inference import animate
 from mmtalker.io.export import from_glb, read_npz
+from mmtalker.nn.head import INITIAL_SCALE
 from mmtalker.nn.mmtalker import MMTalker, MMTalkerConfig
-from mmtalker_platform.serve import JobRequest, ServeConfig, build_app, check_job_locations
+from mmtalker_platform.batch import read_manifest
+from mmtalker_platform.serve import (
+    JobRequest,
+    ServeConfig,
+    build_app,
+    check_job_locations,
+    jobs_address,
+)
 from mmtalker_platform.serve_cli import APP_NAME, read_serve_config
+from mmtalker_platform.settings import PlatformSettings
 
 if TYPE_CHECKING:
     from ray._private.worker import RayContext
@@ -38,6 +53,16 @@ FPS, RATE = 30.0, 16000
 MAX_UPLOAD_MB, MAX_SECONDS = 0.5, 4.0
 SERVE_YAML = Path(__file__).resolve().parents[2] / "jobs" / "serve.yaml"
 TOKEN_ENV = "MMTALKER_TEST_SERVE_TOKEN"
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def token_in_the_cluster_environment() -> Iterator[None]:
+    """The secured application's token, in the environment this module's Ray starts with:
+    replicas read it from there, as they do from a Kubernetes Secret."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(TOKEN_ENV, TOKEN)
+        yield
 
 
 def _tone(seconds: float, rate: int = RATE, channels: int = 1, seed: int = 0) -> np.ndarray:
@@ -80,7 +105,8 @@ def checkpoint_folder(
     torch.manual_seed(0)
     templates, topology = small_face
     model = MMTalker(small_config, topology, templates)
-    model.displacement_scale.fill_(0.004)  # visible motion from an untrained model
+    # Visible motion from an untrained model, whose head starts next to the neutral face.
+    model.displacement_scale.fill_(0.5 / INITIAL_SCALE)
     with torch.no_grad():
         model.sampler.logits.normal_()
     return save_checkpoint(
@@ -103,11 +129,11 @@ def server(
 ) -> Iterator[str]:
     """The application on a real Serve HTTP proxy at 127.0.0.1; yields its base URL."""
     port = ports()
+    # No jobs_address: the application finds the Jobs API of the cluster it runs in.
     config = ServeConfig(
         checkpoint=str(checkpoint_folder), max_upload_mb=MAX_UPLOAD_MB, max_seconds=MAX_SECONDS,
         max_batch_size=4, batch_wait_timeout_s=0.2, token_env=f"{TOKEN_ENV}_UNSET",
-        jobs_address=f"http://{local_ray.dashboard_url}",
-        job_prefixes=[str(tmp_path_factory.getbasetemp())],
+        decode_cpus=0.5, job_prefixes=[str(tmp_path_factory.getbasetemp())],
     )  # fmt: skip
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
@@ -117,13 +143,21 @@ def server(
         serve.shutdown()
 
 
-def test_healthz_describes_the_served_model(server: str, checkpoint: Checkpoint) -> None:
+def test_healthz_describes_the_served_model(
+    server: str, checkpoint: Checkpoint, local_ray: RayContext
+) -> None:
     answer = requests.get(f"{server}/healthz", timeout=30)
     assert answer.status_code == 200
     info = answer.json()
     assert info["status"] == "ok" and info["model"].startswith("checkpoint:")
     assert info["speakers"] == checkpoint.model.speakers == ["s0", "s1"]
     assert (info["fps"], info["sample_rate"], info["vertices"]) == (FPS, RATE, 600)
+    # The front decodes and resamples uploads: it holds CPUs for that work.
+    (front,) = list_actors(
+        address=local_ray.address_info["gcs_address"], detail=True,
+        filters=[("class_name", "=", f"ServeReplica:{APP_NAME}:Api")],
+    )  # fmt: skip
+    assert front.required_resources == {"CPU": 0.5}
 
 
 def test_animate_wav_gives_the_library_animation_as_npz_and_glb(
@@ -213,6 +247,13 @@ BAD_REQUESTS = [
         id="unknown-speaker",
     ),
     pytest.param(lambda: _encode(_tone(0.5)), {"format": "mp4"}, 422, "npz", id="bad-format"),
+    pytest.param(
+        lambda: _encode(_tone(0.5)),
+        {"format": "arkit"},
+        400,
+        "format arkit needs a model of the ICT head",
+        id="arkit-without-rig",
+    ),
 ]
 
 
@@ -225,15 +266,18 @@ def test_bad_requests_get_clear_client_errors(
     assert message in str(answer.json()["detail"])
 
 
-def test_bearer_token_guards_every_route_but_healthz(
-    server: str, checkpoint_folder: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The token is read from the environment when the application is built.
-    monkeypatch.setenv(TOKEN_ENV, "s3cret-token")
+def test_bearer_token_guards_every_route_but_healthz(server: str, checkpoint_folder: Path) -> None:
     config = ServeConfig(
-        checkpoint=str(checkpoint_folder), token_env=TOKEN_ENV, cpus_per_replica=0.5
-    )
-    serve.run(build_app(config), name="secured", route_prefix="/secured")
+        checkpoint=str(checkpoint_folder), token_env=TOKEN_ENV, cpus_per_replica=0.5,
+        decode_cpus=0.25,
+    )  # fmt: skip
+    application = build_app(config)
+    # The replicas read the token from their environment: the deployments' arguments, which
+    # Serve stores and shows, must not carry it (built as serve.run builds them).
+    built = build_deployments(application, name="secured")
+    arguments = [(d.init_args, d.init_kwargs) for d in built.deployments]
+    assert TOKEN.encode() not in cloudpickle.dumps(arguments)
+    serve.run(application, name="secured", route_prefix="/secured")
     try:
         base = f"{server}/secured"
         assert requests.get(f"{base}/healthz", timeout=30).status_code == 200
@@ -247,7 +291,7 @@ def test_bearer_token_guards_every_route_but_healthz(
         assert requests.get(f"{base}/v1/jobs/some-id", timeout=30).status_code == 401
         job = {"catalog": "s3://b/audio", "output": "s3://b/out"}
         assert requests.post(f"{base}/v1/jobs", json=job, timeout=30).status_code == 401
-        good = {"Authorization": "Bearer s3cret-token"}
+        good = {"Authorization": f"Bearer {TOKEN}"}
         answer = requests.post(f"{base}/v1/animate", data=clip, headers=good, timeout=60)
         assert answer.status_code == 200 and _npz(answer).shape == (15, 600, 3)
         # The unsecured application beside it is unaffected.
@@ -256,13 +300,28 @@ def test_bearer_token_guards_every_route_but_healthz(
         serve.delete("secured")
 
 
-def test_catalog_job_runs_through_the_jobs_api(server: str, tmp_path: Path) -> None:
+def test_catalog_job_runs_through_the_jobs_api(
+    server: str, local_ray: RayContext, tmp_path: Path
+) -> None:
     # The job runs elsewhere on the cluster: a path relative to the server means nothing there.
     relative = requests.post(
         f"{server}/v1/jobs", json={"catalog": "audio", "output": str(tmp_path)}, timeout=30
     )
     assert relative.status_code == 422
     assert "absolute path" in relative.text
+    # Credentials never go into a job's record, nor back into an answer.
+    keyed = requests.post(
+        f"{server}/v1/jobs", json={"catalog": "s3://KEY:hush-hush@b/a", "output": str(tmp_path)},
+        timeout=30,
+    )  # fmt: skip
+    assert keyed.status_code == 422 and "must not carry credentials" in keyed.text
+    assert "hush-hush" not in keyed.text
+    # Job requests are a few fields: a large body is refused before it is parsed.
+    huge = requests.post(
+        f"{server}/v1/jobs", data=b"{" + b" " * 100_000 + b"}", timeout=30,
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    assert huge.status_code == 413
     # Jobs read and write only under the server's job_prefixes.
     for body in (
         {"catalog": "/etc", "output": str(tmp_path)},
@@ -270,11 +329,14 @@ def test_catalog_job_runs_through_the_jobs_api(server: str, tmp_path: Path) -> N
     ):
         outside = requests.post(f"{server}/v1/jobs", json=body, timeout=30)
         assert outside.status_code == 403 and "outside the locations" in outside.text
-    catalog, output = tmp_path / "catalog", tmp_path / "out"
-    catalog.mkdir()
+    clips, output = tmp_path / "clips", tmp_path / "out"
+    clips.mkdir()
     lengths = {"a": 0.5, "b": 0.8, "c": 1.0}
     for name, seconds in lengths.items():
-        (catalog / f"{name}.wav").write_bytes(_encode(_tone(seconds), subtype="PCM_16"))
+        (clips / f"{name}.wav").write_bytes(_encode(_tone(seconds), subtype="PCM_16"))
+    # ... manifest rows included: a row naming a file elsewhere fails, unread.
+    catalog = tmp_path / "list.csv"
+    catalog.write_text("audio\nclips/a.wav\nclips/b.wav\nclips/c.wav\n/etc/hostname\n")
 
     submitted = requests.post(
         f"{server}/v1/jobs", json={"catalog": str(catalog), "output": str(output)}, timeout=60
@@ -282,6 +344,9 @@ def test_catalog_job_runs_through_the_jobs_api(server: str, tmp_path: Path) -> N
     assert submitted.status_code == 202, submitted.text
     job_id = submitted.json()["id"]
     assert submitted.json()["status_url"] == f"/v1/jobs/{job_id}"
+    # Submitted to the Jobs API of the cluster the application runs in (no address was set).
+    jobs = JobSubmissionClient(f"http://{local_ray.dashboard_url}")
+    assert jobs.get_job_info(job_id).metadata["catalog"] == str(catalog)
     deadline = time.monotonic() + 240
     while True:
         status = requests.get(f"{server}/v1/jobs/{job_id}", timeout=30)
@@ -294,12 +359,103 @@ def test_catalog_job_runs_through_the_jobs_api(server: str, tmp_path: Path) -> N
     assert (state["catalog"], state["output"]) == (str(catalog), str(output))
     progress = state["progress"]
     assert progress["state"] == "finished"
-    assert (progress["total"], progress["animated"], progress["failed"]) == (3, 3, 0)
+    assert (progress["total"], progress["animated"], progress["failed"]) == (4, 3, 1)
     for name, seconds in lengths.items():
         assert read_npz(output / f"{name}.npz").vertices.shape == (math.ceil(seconds * FPS), 600, 3)
+    outside_row = read_manifest(str(output))[3]
+    assert outside_row.status == "failed" and "outside the locations" in outside_row.error
 
     missing = requests.get(f"{server}/v1/jobs/unknown", timeout=30)
     assert missing.status_code == 404 and "no animation job 'unknown'" in missing.text
+
+
+def test_replicas_find_the_jobs_api_of_their_own_cluster(local_ray: RayContext) -> None:
+    @ray.remote(num_cpus=0)
+    def address() -> str:
+        return jobs_address(ServeConfig(checkpoint="/x"), PlatformSettings())
+
+    # As a replica would: from inside the cluster, with no address configured.
+    found = ray.get(address.remote())
+    assert JobSubmissionClient(found).get_address() == f"http://{local_ray.dashboard_url}"
+    # An address given in the config or MMTALKER_RAY_DASHBOARD wins.
+    given = ServeConfig(checkpoint="/x", jobs_address="http://jobs:8265")
+    assert jobs_address(given, PlatformSettings()) == "http://jobs:8265"
+    settings = PlatformSettings(ray_dashboard="http://head:8265")
+    assert jobs_address(ServeConfig(checkpoint="/x"), settings) == "http://head:8265"
+
+
+def _load(base: str, body: bytes, clients: int, requests_each: int) -> list[requests.Response]:
+    """A bounded load: ``clients`` threads, each sending ``requests_each`` requests in turn."""
+
+    def client(_: int) -> list[requests.Response]:
+        return [
+            requests.post(f"{base}/v1/animate", data=body, timeout=120)
+            for _ in range(requests_each)
+        ]
+
+    with ThreadPoolExecutor(clients) as pool:
+        return [answer for answers in pool.map(client, range(clients)) for answer in answers]
+
+
+def test_overload_is_shed_with_503_and_retry_after(server: str, checkpoint_folder: Path) -> None:
+    config = ServeConfig(
+        checkpoint=str(checkpoint_folder), max_batch_size=2, batch_wait_timeout_s=0.05,
+        max_queued_requests=2, retry_after_s=3, cpus_per_replica=0.25, decode_cpus=0.25,
+    )  # fmt: skip
+    serve.run(build_app(config), name="tight", route_prefix="/tight")
+    try:
+        # 24 clients at once against room for 4 ongoing and 2 queued at each step.
+        answers = _load(f"{server}/tight", _encode(_tone(1.0)), clients=24, requests_each=2)
+    finally:
+        serve.delete("tight")
+    codes = [answer.status_code for answer in answers]
+    assert set(codes) <= {200, 503}, codes
+    shed = [answer for answer in answers if answer.status_code == 503]
+    assert shed and codes.count(200) >= 4, codes
+    assert all(answer.headers["Retry-After"] == "3" for answer in shed)
+    assert all(_npz(a).shape == (30, 600, 3) for a in answers if a.status_code == 200)
+
+
+def test_a_dead_model_replica_answers_503_and_the_app_recovers(
+    server: str, checkpoint_folder: Path
+) -> None:
+    config = ServeConfig(
+        checkpoint=str(checkpoint_folder), max_seconds=60, max_upload_mb=5, max_batch_size=2,
+        cpus_per_replica=0.25, decode_cpus=0.25,
+    )  # fmt: skip
+    serve.run(build_app(config), name="faulty", route_prefix="/faulty")
+    body = _encode(_tone(30.0), subtype="PCM_16")  # long enough to be in flight when killed
+    answers: list[requests.Response] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            answers.append(requests.post(f"{server}/faulty/v1/animate", data=body, timeout=120))
+
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    try:
+        for thread in clients:
+            thread.start()
+        while not answers:
+            time.sleep(0.1)
+        (replica,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                      if a["name"].startswith("SERVE_REPLICA::faulty#Animator")]  # fmt: skip
+        ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]))
+        killed = len(answers)
+        # Serve replaces the replica; the clients run until it answers again.
+        deadline = time.monotonic() + 120
+        while not [a for a in answers[killed:] if a.status_code == 200]:
+            assert time.monotonic() < deadline, "no replica answered after the kill"
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join()
+        serve.delete("faulty")
+    codes = [answer.status_code for answer in answers]
+    # The requests the dead replica held fail as 503 with Retry-After, never as 500.
+    assert set(codes) <= {200, 503} and 503 in codes, codes
+    assert all(a.headers["Retry-After"] == "2" for a in answers if a.status_code == 503)
 
 
 def test_serve_yaml_is_a_valid_deploy_config_of_this_application() -> None:

@@ -69,7 +69,7 @@ def test_the_shipped_animate_spec_is_valid() -> None:
     spec = load_spec(ROOT / "jobs" / "animate.yaml")
     assert isinstance(spec, AnimateJobSpec)
     assert spec.model == "mmtalker@champion" and spec.checkpoint is None
-    assert set(spec.formats) == {"npz", "glb"} and spec.actors == 1
+    assert set(spec.formats) == {"npz", "glb", "arkit"} and spec.actors == 1
 
 
 @pytest.mark.parametrize(
