@@ -580,16 +580,20 @@ def comparison_still(
     *,
     regions: Regions | None = None,
 ) -> np.ndarray:
-    """The middle frame of the comparison video of a clip, on the clip's own colour scale."""
+    """The comparison frame where the ground truth moves most from its first frame (chosen by
+    the truth alone, so it shows the model where the speech demands most), on the clip's own
+    colour scale."""
     truth = np.asarray(truth, dtype=np.float32)
     prediction = np.asarray(prediction, dtype=np.float32)
     if truth.ndim != 3 or len(truth) == 0 or truth.shape != prediction.shape:
         raise RenderError(f"truth and prediction must be equal (T, V, 3), got {truth.shape} "
                           f"and {prediction.shape}")  # fmt: skip
     scale = max(float(np.linalg.norm(prediction - truth, axis=-1).max()), 1e-6)
-    middle = slice(len(truth) // 2, len(truth) // 2 + 1)
+    peak = int(np.linalg.norm(truth - truth[0], axis=-1).max(axis=1).argmax())
     renderer = Renderer(faces, truth[0], config, regions=regions)
-    return next(comparison_frames(truth[middle], prediction[middle], renderer, scale))
+    return next(
+        comparison_frames(truth[peak : peak + 1], prediction[peak : peak + 1], renderer, scale)
+    )
 
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:

@@ -400,6 +400,10 @@ def test_comparison_panels_keep_the_heatmap_on_a_coloured_face(face: tuple) -> N
     still = comparison_still(truth, prediction, topology.faces, SMALL, regions=topology.regions)
     assert still.shape == (SMALL.height, 3 * SMALL.width, 3)
     assert redness(still[40:, : SMALL.width], face_mask) > 20
+    # The still is the frame where the truth moves most: the open jaw, not the rest pose.
+    scale = float(np.linalg.norm(prediction - truth, axis=-1).max())
+    moving = next(comparison_frames(truth[1:], prediction[1:], renderer, scale))
+    np.testing.assert_array_equal(still, moving)
 
 
 def test_bad_colours_and_regions_are_refused(face: tuple) -> None:
