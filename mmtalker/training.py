@@ -50,7 +50,8 @@ class TrainConfig(BaseModel):
     #: Training time (validation excluded) after which training stops; the learning-rate
     #: schedule is then spread over this time instead of over ``epochs``.
     time_budget_s: float | None = Field(None, gt=0)
-    #: With a time budget: validations spread evenly over it (the last one at its end).
+    #: Validations spread evenly over the time budget, or over the epochs of a Ray Train job
+    #: (which checkpoints at each); the last one at the end.
     validations: int = Field(10, ge=1)
     losses: LossConfig = LossConfig()
     #: Audio augmentation of training crops (speed, filters, room, noise, codec, gain).

@@ -93,14 +93,16 @@ def test_two_workers_train_track_and_register(
     with pytest.raises(TrainingError, match="already trained all 2 epochs"):
         run_training(spec, settings)
     assert [v.version for v in registry.list_versions(settings.tracking_uri, "mmtalker")] == [1]
-    # Raising the epoch count continues the same Ray Train run from epoch 2.
-    longer = spec.model_copy(update={"train": spec.train.model_copy(update={"epochs": 3})})
+    # Raising the epoch count continues the same Ray Train run from epoch 2; with two
+    # validations over 4 epochs, only epoch 4 validates (and checkpoints), every epoch prints.
+    train = spec.train.model_copy(update={"epochs": 4, "validations": 2})
     capsys.readouterr()
-    more = run_training(longer, settings)
-    assert more.epochs == 3 and more.version.version == 2
+    more = run_training(spec.model_copy(update={"train": train}), settings)
+    assert more.epochs == 4 and more.version.version == 2
     resumed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
-    assert [line.split(":")[0] for line in resumed] == ["epoch 3/3"]
-    assert [m.step for m in client.get_metric_history(more.run_id, "val_lve")] == [3]
+    assert [line.split(":")[0] for line in resumed] == ["epoch 3/4", "epoch 4/4"]
+    assert "val LVE" not in resumed[0] and "val LVE" in resumed[1]
+    assert [m.step for m in client.get_metric_history(more.run_id, "val_lve")] == [4]
 
 
 def _assert_no_secret_in(folder: Path) -> None:
