@@ -1,41 +1,41 @@
-"""Accuracy at equal training time: MMTalker vs the FaceFormer-style baseline vs the static face.
+"""Accuracy at equal training time, several seeds: MMTalker vs the FaceFormer-style baseline.
 
-Usage: python bench/accuracy.py [--size bench|demo] [--data DIR] [--budget-minutes 20]
-                                [--out work/bench/accuracy] [--threads N]
+Usage: python bench/accuracy.py [--size bench|demo] [--face procedural|ict] [--data DIR]
+                                [--budget-minutes 20] [--seeds 0,1,2] [--validations 10] [--jobs 2]
+                                [--out work/bench/accuracy] [--skip-train]
 
-Both models train on the train split of one synthetic corpus for the same wall-clock budget
-(``TrainConfig.time_budget_s`` with an epoch count too large to reach, so the budget is what
-stops them; the per-epoch validation that ``fit`` runs counts against it), then they and the
-static template are scored on the held-out test split, whose speakers (voices and faces) and
-sentences are all unseen in training. The default corpus is the benchmark size at
-work/datasets/bench, synthesised there if absent (about 2 minutes and 3 GB); ``--size demo``
-uses the demo corpus instead (work/datasets/demo, synthesised likewise) for a quick check.
-"train s" is ``fit``'s wall time: the budget plus the validation pass of the epoch the budget
-ran out in, so it exceeds the budget (more for the autoregressive baseline, slower to validate).
+Protocol (the same for both models; every shared piece of machinery serves both):
 
-A wall-clock budget measures the machine too: other work on it means fewer steps, and unequally
-so if the load changes between the two models' turns (the load average at the start is printed).
-On a shared machine with few cores, ``--threads 1`` can do several times more steps than one
-thread per core, whose every op waits for its slowest thread.
+* Each model trains on the train split of one synthetic corpus for the same wall-clock budget of
+  *training* time (``TrainConfig.time_budget_s``); the learning-rate schedule (warmup, cosine
+  decay to zero) is spread over that budget. Validation runs outside the budget, ten times
+  (``TrainConfig.validations``), and the weights with the best validation LVE are kept: model
+  selection sees the val split only. The test split is scored once, at the end.
+* Every seed trains MMTalker and the baseline side by side, one process and one CPU thread each
+  (``--jobs 2``), so both see the same machine load; with ``--jobs 1`` they take turns.
+* The test split's speakers (voices and faces) and sentences are unseen in training. Besides it,
+  the models are scored on proxies for speech they never heard: the same test speakers, faces,
+  sentences and motion rules re-voiced by another speech engine (Festival's diphone and HTS
+  voices, when Festival is installed), by espeak-ng's Klatt synthesiser (its variants are held
+  out of every training pool), and the test audio degraded (noise, room, band limit, codec).
 
-Printed: per model LVE (x1e-5 m²), LVE-L2 (mm), EVE (x1e-5 m²), MVE (mm), FDD (x1e-7 m²),
-training steps, training seconds and parameter count; then the ratios the project's accuracy
-targets refer to, measured on the benchmark corpus at the default 20-minute budget:
-
-* MMTalker LVE / FaceFormer LVE  (target <= 0.8)
-* MMTalker LVE / static LVE      (target <= 0.3)
-* MMTalker EVE / FaceFormer EVE  (target < 1: EVE better than FaceFormer)
-
-and MMTalker's learnt sampling density per unit area on the lips and eyes relative to the face
-average (1 = area-uniform). Checkpoints go to OUT/mmtalker and OUT/faceformer, the table to
-OUT/accuracy.json. A benchmark: it reports figures and never fails on them.
+Printed: per seed and model LVE (x1e-5 m²), EVE (x1e-5 m²), MVE (mm), FDD and |FDD| (x1e-7 m²),
+lip sync (Pearson r of the mouth opening), per-region mean errors (mm) and training steps; then
+mean ± std over seeds, the ratios the targets refer to (MMTalker/baseline LVE per seed, EVE,
+|FDD|), the proxy table (LVE on each proxy, and each model's proxy LVE over its own test LVE),
+and MMTalker's learnt sampling density on lips and eyes. Everything goes to OUT/accuracy.json;
+checkpoints to OUT/seedS/KIND. A benchmark: it reports figures and never fails on them.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import shutil
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,34 +44,51 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from mmtalker.checkpoint import build_model, save_checkpoint
+from mmtalker.checkpoint import build_model, load_checkpoint, save_checkpoint
+from mmtalker.data.augment import AugmentConfig, augment_audio
 from mmtalker.data.sequence import Sequence
 from mmtalker.data.shards import MANIFEST, Dataset, open_dataset
-from mmtalker.data.synth import Size, SynthConfig, synthesize_corpus
+from mmtalker.data.synth import KLATT_VARIANTS, Size, SynthConfig, synthesize_corpus
 from mmtalker.geometry.uv import attach_uv
-from mmtalker.nn.base import AnimationModel
 from mmtalker.nn.mmtalker import MMTalker
 from mmtalker.training import TrainConfig, evaluate, fit
 
-#: Metric, printed label and the factor the published VOCASET tables print it with (metres).
+KINDS = ("mmtalker", "faceformer")
+#: Metric, printed label and scale (vertices in metres, as VOCASET's tables print them).
 COLUMNS = (
     ("lve", "LVE e-5", 1e5),
-    ("lve_l2", "LVE-L2 mm", 1e3),
     ("eve", "EVE e-5", 1e5),
     ("mve", "MVE mm", 1e3),
     ("fdd", "FDD e-7", 1e7),
+    ("fdd_abs", "|FDD| e-7", 1e7),
+    ("lip_sync", "sync r", 1.0),
 )
+REGIONS = ("mve_lips", "mve_eyes", "mve_upper_face", "mve_rest")
 #: More epochs than any budget allows: the time budget is what ends training.
 EPOCHS = 100_000
-PROGRESS_EVERY_S = 60.0
+#: A fixed degradation for the "degraded audio" proxy: every effect, each drawn per clip.
+DEGRADE = AugmentConfig(
+    speed_probability=0.0,
+    tilt_probability=1.0,
+    band_probability=0.5,
+    reverb_probability=0.5,
+    noise_probability=1.0,
+    snr_db=(10.0, 25.0),
+    codec_probability=0.3,
+)
 
 
-def load_corpus(path: Path, size: str) -> Dataset:
-    """Open the corpus at ``path``, synthesising the ``size`` preset there first if absent."""
+def corpus_config(size: str, face: str) -> SynthConfig:
+    """The synthetic corpus preset the benchmark trains on."""
+    return SynthConfig.preset(cast(Size, size), face=face)
+
+
+def ensure_corpus(config: SynthConfig, path: Path) -> Dataset:
+    """Open the corpus at ``path``, synthesising it there first if absent."""
     if not (path / MANIFEST).is_file():
-        print(f"synthesising the {size} corpus into {path} ...", file=sys.stderr, flush=True)
+        print(f"synthesising {path} ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
-        manifest = synthesize_corpus(SynthConfig.preset(cast(Size, size)), str(path))
+        manifest = synthesize_corpus(config, str(path))
         print(
             f"  {manifest.num_sequences} sequences, {manifest.audio_seconds / 60:.1f} min of "
             f"audio in {time.perf_counter() - started:.0f} s",
@@ -80,137 +97,235 @@ def load_corpus(path: Path, size: str) -> Dataset:
     return open_dataset(str(path))
 
 
-def parameter_count(model: torch.nn.Module) -> int:
-    """Learnable parameters (for MMTalker this includes the sampler's per-triangle logits)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def proxy_corpora(config: SynthConfig, data: Path) -> dict[str, Dataset]:
+    """The test split re-voiced by voices no model trained on, synthesised beside the corpus."""
+    voices = {
+        "klatt": [f"espeak:{base}+{v}" for base in ("en-us", "en-gb") for v in KLATT_VARIANTS]
+    }
+    if shutil.which("festival"):
+        voices["festival"] = ["festival:kal", "festival:slt"]
+    else:
+        print("festival not installed: the Festival proxy is skipped", file=sys.stderr)
+    return {
+        name: ensure_corpus(
+            config.model_copy(update={"voices": chosen, "splits": ["test"]}),
+            data.with_name(f"{data.name}-proxy-{name}"),
+        )
+        for name, chosen in voices.items()
+    }
 
 
-def train(name: str, model: AnimationModel, dataset: Dataset, config: TrainConfig) -> dict:
-    """Fit within the budget; returns steps, seconds and the last epoch's record."""
+def degraded(sequences: list[Sequence]) -> list[Sequence]:
+    """The sequences with their audio degraded, deterministically per sequence."""
+    out = []
+    for index, seq in enumerate(sequences):
+        rng = np.random.default_rng([2024, index])
+        audio = augment_audio(seq.audio, seq.sample_rate, DEGRADE, rng)
+        out.append(dataclasses.replace(seq, audio=audio))
+    return out
+
+
+def train_one(
+    kind: str, seed: int, data: Path, budget_minutes: float, validations: int, out: Path
+) -> None:
+    """Worker: train one model within the budget, keep the best on val, save it with history."""
+    torch.set_num_threads(1)
+    dataset = open_dataset(str(data))
+    templates = {s: dataset.templates[s] for s in dataset.manifest.splits["train"].speakers}
+    topology = attach_uv(dataset.topology, np.mean(list(templates.values()), axis=0))
+    config = TrainConfig(
+        epochs=EPOCHS, time_budget_s=budget_minutes * 60, validations=validations, device="cpu",
+        seed=seed,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = build_model(kind, {}, topology, templates)
     last = time.perf_counter()
 
     def progress(step: int, total: int, logs: dict[str, float]) -> None:
         nonlocal last
-        if time.perf_counter() - last >= PROGRESS_EVERY_S:
+        if time.perf_counter() - last >= 60:
             last = time.perf_counter()
-            print(f"  {name}: step {step}, loss {logs['loss']:.4f}", file=sys.stderr, flush=True)
+            print(f"  {kind} seed {seed}: step {step}, loss {logs['loss']:.4f}", file=sys.stderr)
 
-    print(f"training {name} for {config.time_budget_s:.0f} s ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     history = fit(model, dataset, config, progress)
-    seconds = time.perf_counter() - started
-    return {"steps": int(history[-1]["steps"]), "seconds": seconds, "history": history}
+    info = {"history": history, "wall_seconds": time.perf_counter() - started}
+    save_checkpoint(
+        out, model, templates, dataset.manifest.fps, dataset.manifest.sample_rate,
+        {"dataset": str(data), "train": config.model_dump(), **info},
+    )  # fmt: skip
 
 
-def ratio(a: float, b: float) -> float:
-    return a / b if b else float("nan")
+def run_parallel(commands: list[list[str]], jobs: int) -> None:
+    """Run commands, ``jobs`` at a time; fail loudly if any fails."""
+    pending = list(commands)
+    running: list[subprocess.Popen[bytes]] = []
+    while pending or running:
+        while pending and len(running) < jobs:
+            running.append(subprocess.Popen(pending.pop(0)))
+        finished = running[0].wait()
+        if finished != 0:
+            raise SystemExit(f"worker failed ({finished}): {' '.join(map(str, running[0].args))}")
+        running.pop(0)
+
+
+def summary(values: list[float]) -> str:
+    """``mean ± std`` (sample std over seeds)."""
+    mean = statistics.fmean(values)
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.3f} ± {spread:.3f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="bench", choices=["bench", "demo"])
-    parser.add_argument("--data", default=None, help="corpus folder (default work/datasets/SIZE)")
+    parser.add_argument("--face", default="procedural", choices=["procedural", "ict"])
+    parser.add_argument("--data", default=None, help="corpus folder (default work/datasets/...)")
     parser.add_argument("--budget-minutes", type=float, default=20.0)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument(
+        "--validations", type=int, default=10, help="val-split checks per run (outside the budget)"
+    )
+    parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default="work/bench/accuracy")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-train", action="store_true", help="score existing checkpoints")
+    parser.add_argument("--train-one", nargs=2, metavar=("KIND", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    suffix = "" if args.face == "procedural" else f"-{args.face}"
+    data = Path(args.data or f"work/datasets/{args.size}{suffix}")
     out = Path(args.out)
-    data = Path(args.data or f"work/datasets/{args.size}")
+    if args.train_one:
+        kind, seed = args.train_one[0], int(args.train_one[1])
+        train_one(
+            kind, seed, data, args.budget_minutes, args.validations, out / f"seed{seed}" / kind
+        )
+        return
 
-    dataset = load_corpus(data, args.size)
+    config = corpus_config(args.size, args.face)
+    dataset = ensure_corpus(config, data)
+    proxies = proxy_corpora(config, data)
+    seeds = [int(s) for s in args.seeds.split(",")]
     load = os.getloadavg()[0]
-    splits = dataset.manifest.splits
-    train_templates = {s: dataset.templates[s] for s in splits["train"].speakers}
+    if not args.skip_train:
+        commands = [
+            [sys.executable, __file__, "--train-one", kind, str(seed), "--data", str(data),
+             "--budget-minutes", str(args.budget_minutes), "--validations",
+             str(args.validations), "--out", str(out)]
+            for seed in seeds for kind in KINDS
+        ]  # fmt: skip
+        run_parallel(commands, args.jobs)
+
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    test = list(dataset.sequences("test"))
+    sets = {"test": (test, dataset.templates), "degraded": (degraded(test), dataset.templates)}
+    sets.update({f"{n}": (list(d.sequences("test")), d.templates) for n, d in proxies.items()})
+    train_templates = {s: dataset.templates[s] for s in dataset.manifest.splits["train"].speakers}
     topology = attach_uv(dataset.topology, np.mean(list(train_templates.values()), axis=0))
-    config = TrainConfig(
-        epochs=EPOCHS,
-        batch_size=args.batch_size,
-        time_budget_s=args.budget_minutes * 60,
-        device="cpu",
-        seed=args.seed,
+    static = build_model("static", {}, topology, train_templates)
+    results = {"static": {name: evaluate(static, s, t).as_dict() for name, (s, t) in sets.items()}}
+    runs: dict[str, dict[int, dict[str, Any]]] = {kind: {} for kind in KINDS}
+    density: dict[int, dict[str, float]] = {}
+    for seed in seeds:
+        for kind in KINDS:
+            checkpoint = load_checkpoint(out / f"seed{seed}" / kind)
+            print(f"scoring {kind} seed {seed} ...", file=sys.stderr, flush=True)
+            scores = {n: evaluate(checkpoint.model, s, t).as_dict() for n, (s, t) in sets.items()}
+            history = checkpoint.metadata["history"]
+            runs[kind][seed] = {
+                "scores": scores, "steps": history[-1]["steps"], "history": history
+            }  # fmt: skip
+            if kind == "mmtalker":
+                sampler = cast(MMTalker, checkpoint.model).sampler
+                density[seed] = {
+                    region: sampler.density_ratio(topology.region(region))
+                    for region in ("lips", "eyes")
+                }
+
+    splits = dataset.manifest.splits
+    print(
+        f"corpus {data}: {len(splits['train'].speakers)} training speakers, "
+        f"{splits['train'].num_sequences} sequences ({splits['train'].audio_seconds / 60:.1f} min);"
+        f" test: {len(splits['test'].speakers)} unseen speakers, {len(test)} sequences; "
+        f"{topology.num_vertices} vertices. Budget {args.budget_minutes:g} min of training per "
+        f"model, seeds {seeds}, {args.jobs} side by side, load average at start {load:.1f}"
     )
-    test: list[Sequence] = list(dataset.sequences("test"))
+    header = f"{'model':<11}{'seed':>5}" + "".join(f"{label:>11}" for _, label, _ in COLUMNS)
+    print("\ntest split\n" + header + "".join(f"{r[4:]:>11}" for r in REGIONS) + f"{'steps':>7}")
 
-    rows: dict[str, dict[str, Any]] = {}
-    models: dict[str, AnimationModel] = {}
-    for kind in ("mmtalker", "faceformer"):
-        torch.manual_seed(args.seed)
-        model = build_model(kind, {}, topology, train_templates)
-        run = train(kind, model, dataset, config)
-        save_checkpoint(
-            out / kind, model, train_templates, dataset.manifest.fps,
-            dataset.manifest.sample_rate,
-            {"dataset": str(data), "train": config.model_dump(), "history": run["history"]},
-        )  # fmt: skip
-        models[kind] = model
-        rows[kind] = {
-            "steps": run["steps"],
-            "seconds": run["seconds"],
-            "parameters": parameter_count(model),
-        }
-    models["static"] = build_model("static", {}, topology, train_templates)
-    rows["static"] = {"steps": 0, "seconds": 0.0, "parameters": 0}
-    for kind, model in models.items():
-        print(f"evaluating {kind} on the test split ...", file=sys.stderr, flush=True)
-        started = time.perf_counter()
-        rows[kind].update(evaluate(model, test, dataset.templates).as_dict())
-        rows[kind]["eval_seconds"] = time.perf_counter() - started
+    def row(name: str, seed: str, scores: dict[str, float], steps: int | str) -> str:
+        line = f"{name:<11}{seed:>5}" + "".join(
+            f"{scores[key] * factor:>11.3f}" for key, _, factor in COLUMNS
+        )
+        return line + "".join(f"{scores[r] * 1e3:>11.3f}" for r in REGIONS) + f"{steps:>7}"
 
-    mmtalker = cast(MMTalker, models["mmtalker"])
-    density = {
-        region: mmtalker.sampler.density_ratio(topology.region(region))
-        for region in ("lips", "eyes")
-    }
+    print(row("static", "-", results["static"]["test"], "-"))
+    for kind in KINDS:
+        for seed in seeds:
+            run = runs[kind][seed]
+            print(row(kind, str(seed), run["scores"]["test"], run["steps"]))
+    print("\nmean ± std over seeds (test split)")
+    for kind in KINDS:
+        cells = [
+            summary([runs[kind][s]["scores"]["test"][key] * factor for s in seeds])
+            for key, _, factor in COLUMNS
+        ]
+        labelled = [f"{label} {cell}" for (_, label, _), cell in zip(COLUMNS, cells, strict=True)]
+        print(f"{kind:<11}" + "  ".join(labelled))
+
+    def per_seed(key: str, absolute: bool = False) -> list[float]:
+        def value(kind: str, seed: int) -> float:
+            v = runs[kind][seed]["scores"]["test"][key]
+            return abs(v) if absolute else v
+
+        return [value("mmtalker", s) / value("faceformer", s) for s in seeds]
+
     ratios = {
-        "lve_mmtalker_over_faceformer": ratio(rows["mmtalker"]["lve"], rows["faceformer"]["lve"]),
-        "lve_mmtalker_over_static": ratio(rows["mmtalker"]["lve"], rows["static"]["lve"]),
-        "eve_mmtalker_over_faceformer": ratio(rows["mmtalker"]["eve"], rows["faceformer"]["eve"]),
-        "eve_mmtalker_over_static": ratio(rows["mmtalker"]["eve"], rows["static"]["eve"]),
+        "lve_over_baseline": per_seed("lve"),
+        "eve_over_baseline": per_seed("eve"),
+        "fdd_abs_over_baseline": per_seed("fdd", absolute=True),
+        "lve_over_static": [
+            runs["mmtalker"][s]["scores"]["test"]["lve"] / results["static"]["test"]["lve"]
+            for s in seeds
+        ],
+        "lip_sync": [runs["mmtalker"][s]["scores"]["test"]["lip_sync"] for s in seeds],
     }
+    print("\nper seed: " + ", ".join(f"{s}" for s in seeds))
+    targets = {
+        "lve_over_baseline": "<= 0.6", "eve_over_baseline": "<= 0.85",
+        "fdd_abs_over_baseline": "<= 1", "lve_over_static": "", "lip_sync": ">= 0.95",
+    }  # fmt: skip
+    for name, values in ratios.items():
+        print(
+            f"  MMTalker {name:<24}" + "".join(f"{v:8.3f}" for v in values) + f"   {targets[name]}"
+        )
 
+    print("\nunseen-voice proxies: LVE e-5 (mean ± std over seeds; x own test LVE)")
+    for name in sets:
+        cells = [f"static {results['static'][name]['lve'] * 1e5:.3f}"]
+        for kind in KINDS:
+            lve = [runs[kind][s]["scores"][name]["lve"] for s in seeds]
+            own = [
+                v / runs[kind][s]["scores"]["test"]["lve"] for s, v in zip(seeds, lve, strict=True)
+            ]
+            cells.append(
+                f"{kind} {summary([v * 1e5 for v in lve])} (x{statistics.fmean(own):.2f}, "
+                f"x{statistics.fmean(lve) / results['static'][name]['lve']:.2f} static)"
+            )
+        print(f"  {name:<10}" + "   ".join(cells))
     print(
-        f"corpus {data} ({args.size}): {len(splits['train'].speakers)} training speakers, "
-        f"{splits['train'].num_sequences} sequences, {splits['train'].audio_seconds / 60:.1f} min;"
-        f" test: {len(splits['test'].speakers)} unseen speakers, {len(test)} sequences "
-        f"({splits['test'].audio_seconds / 60:.1f} min); {topology.num_vertices} vertices"
+        "\nMMTalker sampling density per unit area vs face average: "
+        + ", ".join(
+            f"seed {s}: lips {d['lips']:.2f} eyes {d['eyes']:.2f}" for s, d in density.items()
+        )
     )
-    print(
-        f"budget {args.budget_minutes:g} min per model, {args.threads} CPU threads, load average "
-        f"at start {load:.1f} (other work on the machine means fewer steps in the budget)"
-    )
-    header = f"{'model':<11}" + "".join(f"{label:>11}" for _, label, _ in COLUMNS)
-    print(header + f"{'steps':>8}{'train s':>9}{'params':>11}")
-    for kind, row in rows.items():
-        line = f"{kind:<11}" + "".join(f"{row[key] * factor:>11.3f}" for key, _, factor in COLUMNS)
-        print(line + f"{row['steps']:>8}{row['seconds']:>9.0f}{row['parameters']:>11,}")
-    print()
-    print(f"MMTalker LVE / FaceFormer LVE  {ratios['lve_mmtalker_over_faceformer']:6.3f}  (<= 0.8)")
-    print(f"MMTalker LVE / static LVE      {ratios['lve_mmtalker_over_static']:6.3f}  (<= 0.3)")
-    print(f"MMTalker EVE / FaceFormer EVE  {ratios['eve_mmtalker_over_faceformer']:6.3f}  (< 1)")
-    print(f"MMTalker EVE / static EVE      {ratios['eve_mmtalker_over_static']:6.3f}")
-    print(
-        f"MMTalker sampling density per unit area vs face average: lips {density['lips']:.2f}, "
-        f"eyes {density['eyes']:.2f}"
-    )
-
     out.mkdir(parents=True, exist_ok=True)
     report = {
-        "corpus": str(data),
-        "size": args.size,
-        "budget_minutes": args.budget_minutes,
-        "threads": args.threads,
-        "load_average_at_start": load,
-        "num_vertices": topology.num_vertices,
-        "test_speakers": splits["test"].speakers,
-        "note": "metrics unscaled: metres (lve_l2, eve_l2, mve), m² (lve, eve, fdd)",
-        "printed_scale": {key: factor for key, _, factor in COLUMNS},
-        "models": rows,
-        "ratios": ratios,
-        "sampling_density": density,
-    }
+        "corpus": str(data), "size": args.size, "face": args.face,
+        "budget_minutes": args.budget_minutes, "seeds": seeds, "jobs": args.jobs,
+        "load_average_at_start": load, "num_vertices": topology.num_vertices,
+        "note": "metrics unscaled: metres (lve_l2, eve_l2, mve*), m² (lve, eve, fdd)",
+        "static": results["static"], "runs": runs, "ratios": ratios, "sampling_density": density,
+    }  # fmt: skip
     (out / "accuracy.json").write_text(json.dumps(report, indent=2))
     print(f"\ncheckpoints and accuracy.json in {out}")
 

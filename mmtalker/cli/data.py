@@ -52,14 +52,27 @@ def synth(
     text: Annotated[
         Path | None, typer.Option(help="Sentences, one per line (default: built-in).")
     ] = None,
+    face: Annotated[
+        str | None,
+        typer.Option(
+            help="ict (the ICT human head driven through ARKit shapes; demo and bench default) "
+            "or procedural (a parametric mannequin; tiny default)."
+        ),
+    ] = None,
+    voice_mix: Annotated[
+        float | None,
+        typer.Option(help="Share of training sentences spoken by another espeak-ng voice."),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset at --out.")] = False,
 ) -> None:
-    """Synthesise a speech-motion corpus with espeak-ng and procedural faces."""
+    """Synthesise a speech-motion corpus: espeak-ng speech, phoneme-timed faces."""
     from mmtalker.data.synth import SynthConfig, synthesize_corpus
 
     chosen = "tiny" if tiny else size
     if chosen not in ("tiny", "demo", "bench"):
         raise click.BadParameter(f"{chosen!r} is not one of tiny, demo, bench", param_hint="--size")
+    if face not in (None, "ict", "procedural"):
+        raise click.BadParameter(f"{face!r} is not one of ict, procedural", param_hint="--face")
     overrides = {
         key: value
         for key, value in dict(
@@ -67,6 +80,8 @@ def synth(
             sentences_per_speaker=sentences_per_speaker,
             num_vertices=vertices,
             text_file=str(text) if text else None,
+            face=face,
+            voice_mix=voice_mix,
         ).items()
         if value is not None
     }
