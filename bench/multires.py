@@ -59,7 +59,9 @@ def train_one(data: Path, out: Path, budget_minutes: float, seed: int) -> None:
     dataset = open_dataset(str(data))
     torch.manual_seed(seed)
     model = model_for_dataset("mmtalker", {}, dataset)
-    config = TrainConfig(epochs=100_000, time_budget_s=budget_minutes * 60, device="cpu", seed=seed)
+    config = TrainConfig(
+        epochs=100_000, time_budget_s=budget_minutes * 60, validations=4, device="cpu", seed=seed
+    )
     history = fit(model, dataset, config)
     save_checkpoint(
         out, model, training_templates(dataset), dataset.manifest.fps,
