@@ -10,6 +10,7 @@ cluster's workers' output off the terminal unless the settings say verbose.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +25,8 @@ from mmtalker_platform.settings import PlatformSettings
 
 def route_logs(settings: PlatformSettings, name: str) -> Path | None:
     """Unless verbose: Python logging and warnings to ``WORK/logs/NAME-TIME.log`` instead of the
-    terminal, and Ray Data's progress bars off; returns the file (None when verbose)."""
+    terminal, and Ray Data's and MLflow's progress bars off; returns the file (None when
+    verbose)."""
     if settings.verbose:
         return None
     folder = settings.work_dir.resolve() / "logs"
@@ -47,6 +49,8 @@ def route_logs(settings: PlatformSettings, name: str) -> Path | None:
     logging.getLogger().setLevel(logging.INFO)
     logging.captureWarnings(True)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    # MLflow reads it at each download: no bar per registry model an animation job loads.
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     return path
 
 

@@ -10,7 +10,7 @@ import pytest
 
 # route_logs rewires the process's logging, so it runs in a process of its own.
 SCRIPT = """
-import logging, sys, warnings
+import logging, os, sys, warnings
 import mlflow, ray.data
 from mmtalker_platform.console import route_logs, stage
 from mmtalker_platform.settings import PlatformSettings
@@ -23,6 +23,7 @@ warnings.warn("a library warns")
 with stage("reading"):
     pass
 print(path, ray.data.DataContext.get_current().enable_progress_bars, default)
+print(os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"))
 """
 
 
@@ -36,17 +37,18 @@ def _run(work: Path, verbose: bool) -> subprocess.CompletedProcess[str]:
 @pytest.mark.timeout(240)
 def test_library_logs_go_to_a_file_unless_verbose(tmp_path: Path) -> None:
     quiet = _run(tmp_path / "work", verbose=False)
-    stage_line, result = quiet.stdout.splitlines()
+    stage_line, result, mlflow_bars = quiet.stdout.splitlines()
     assert stage_line.startswith("reading ... ") and stage_line.endswith(" s")
     log_file, bars, _ = result.split()
     assert Path(log_file).parent == tmp_path / "work" / "logs" and bars == "False"
+    assert mlflow_bars == "false"
     assert "hello" not in quiet.stderr and "warns" not in quiet.stderr
     logged = Path(log_file).read_text()
     assert all(text in logged for text in ("ray data says", "mlflow says", "a library warns"))
 
     verbose = _run(tmp_path / "loud", verbose=True)
     # Verbose leaves Ray Data's own choice (it turns bars off by itself on CI terminals).
-    path, bars, default = verbose.stdout.splitlines()[-1].split()
+    path, bars, default = verbose.stdout.splitlines()[-2].split()
     assert path == "None" and bars == default
     assert "ray data says hello" in verbose.stderr and "mlflow says hello" in verbose.stderr
     assert not (tmp_path / "loud").exists()
