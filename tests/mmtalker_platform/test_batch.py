@@ -8,12 +8,12 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -346,29 +346,14 @@ def test_records_decide_done_for_exactly_these_inputs(local_ray: None, tmp_path:
 
 @pytest.fixture(scope="module")
 def counted_s3(
-    tmp_path_factory: pytest.TempPathFactory, ports: Callable[[], int]
+    tmp_path_factory: pytest.TempPathFactory,
+    ports: Callable[[], int],
+    moto: Callable[..., AbstractContextManager[str]],
 ) -> Iterator[tuple[str, Path]]:
     """A moto server of this module's own whose request log is kept: (endpoint, log file)."""
-    port = ports()
     log = tmp_path_factory.mktemp("moto") / "requests.log"
-    with log.open("w") as sink:
-        server = subprocess.Popen(
-            [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p",
-             str(port)], stdout=sink, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "moto is not up"
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}", log
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with moto(ports(), log) as endpoint:
+        yield endpoint, log
 
 
 def _requests(log: Path, since: int) -> list[tuple[str, str]]:
