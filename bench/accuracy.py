@@ -2,7 +2,7 @@
 
 Usage: python bench/accuracy.py [--size bench|demo] [--face procedural|ict] [--data DIR]
                                 [--budget-minutes 20] [--seeds 0,1,2] [--validations 10] [--jobs 2]
-                                [--out work/bench/accuracy] [--skip-train]
+                                [--out work/bench/accuracy] [--skip-train] [--no-proxies]
 
 Protocol (the same for both models; every shared piece of machinery serves both):
 
@@ -189,6 +189,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default="work/bench/accuracy")
     parser.add_argument("--skip-train", action="store_true", help="score existing checkpoints")
+    parser.add_argument(
+        "--no-proxies", action="store_true", help="score the test split and degraded audio only"
+    )
     parser.add_argument("--train-one", nargs=2, metavar=("KIND", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     suffix = "" if args.face == "procedural" else f"-{args.face}"
@@ -203,7 +206,7 @@ def main() -> None:
 
     config = corpus_config(args.size, args.face)
     dataset = ensure_corpus(config, data)
-    proxies = proxy_corpora(config, data)
+    proxies = {} if args.no_proxies else proxy_corpora(config, data)
     seeds = [int(s) for s in args.seeds.split(",")]
     load = os.getloadavg()[0]
     if not args.skip_train:
