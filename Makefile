@@ -63,11 +63,15 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# Figures, not pass/fail. accuracy.py trains two models on the > 1 h corpus: about 45 minutes.
+# Figures, not pass/fail. accuracy.py trains two models side by side for 20 minutes per seed
+# on the > 1 h corpus (three seeds, then scoring: about 1.5 hours); multires.py about 30 minutes.
 bench: setup
 	$(BIN)/python bench/corpus.py
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/accuracy.py
+	$(BIN)/python bench/multires.py
+	$(BIN)/python bench/arkit_recovery.py --data $(WORK)/datasets/ict-2500v \
+		--checkpoint $(WORK)/bench/multires/coarse
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/batch_throughput.py
 	$(BIN)/python bench/render.py
