@@ -28,6 +28,8 @@ from mmtalker.io.export import (
     arkit_csv,
     arkit_json,
     from_glb,
+    npz_bytes,
+    output_bytes,
     read_npz,
     to_glb,
     to_obj_sequence,
@@ -435,6 +437,25 @@ def test_write_outputs_solves_arkit_against_the_rig(
     plain = write_outputs(frames, FPS, speaker_topology, tmp_path / "plain", {"glb"})
     names = pygltflib.GLTF2.load_from_bytes(Path(plain["glb"]).read_bytes()).meshes[0].extras
     assert names["targetNames"][0] == "mode_00"
+
+
+def test_single_file_outputs_are_what_write_outputs_writes(
+    speaker: Rig, speaker_topology: Topology, tmp_path: Path
+) -> None:
+    frames = speaker.compose(arkit_to_rig(arkit_curves(12), speaker.shape_names))
+    uris = write_outputs(frames, FPS, speaker_topology, tmp_path / "c", {"arkit"}, rig=speaker)
+    arkit = output_bytes(frames, FPS, speaker_topology, "arkit", speaker)
+    assert arkit == Path(uris["arkit_json"]).read_bytes()
+    npz = output_bytes(frames, FPS, speaker_topology, "npz")
+    assert npz == npz_bytes(frames, FPS, speaker_topology)
+    rigged = pygltflib.GLTF2.load_from_bytes(
+        output_bytes(frames, FPS, speaker_topology, "glb", speaker)
+    )
+    assert rigged.meshes[0].extras["targetNames"] == list(ARKIT_NAMES)
+    with pytest.raises(ExportError, match="format arkit needs the speaker's ARKit rig"):
+        output_bytes(frames, FPS, speaker_topology, "arkit")
+    with pytest.raises(ExportError, match="not a single file"):
+        output_bytes(frames, FPS, speaker_topology, "obj")
 
 
 def test_arkit_output_needs_the_rig_of_the_animated_mesh(
