@@ -357,22 +357,36 @@ def _mesh_vertices(path: Path, counts: tuple[int, ...]) -> np.ndarray:
     """Vertex positions (V, 3) of a neutral mesh file whose vertex count is one of ``counts``."""
     if not path.is_file():
         raise MMTalkerError(f"template mesh not found: {path}")
+    return neutral_vertices(path.read_bytes(), str(path), counts)
+
+
+def neutral_vertices(data: bytes, name: str, counts: tuple[int, ...]) -> np.ndarray:
+    """Vertex positions (V, 3) of a neutral face file's bytes (``.npy``; ``.npz`` with
+    ``vertices`` or ``template``; OBJ, PLY), checked to have one of ``counts`` vertices."""
+    suffix = Path(name).suffix.lower()
     try:
-        if path.suffix.lower() == ".npy":
-            vertices = np.load(path, allow_pickle=False)
+        if suffix == ".npy":
+            vertices = np.load(io.BytesIO(data), allow_pickle=False)
+        elif suffix == ".npz":
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                key = next(k for k in ("vertices", "template") if k in npz.files)
+                vertices = npz[key]
         else:
             import trimesh
 
-            mesh = trimesh.load(path, force="mesh", process=False, maintain_order=True)
+            mesh = trimesh.load(
+                io.BytesIO(data), file_type=suffix.lstrip("."), force="mesh", process=False,
+                maintain_order=True,
+            )  # fmt: skip
             vertices = np.asarray(mesh.vertices)
     except Exception as exc:  # trimesh and numpy raise many unrelated types for bad files
-        raise MMTalkerError(f"cannot read template mesh {path}: {exc}") from exc
+        raise MMTalkerError(f"cannot read template mesh {name}: {exc}") from exc
     vertices = np.asarray(vertices, np.float32)
     if vertices.ndim != 2 or vertices.shape[1] != 3 or len(vertices) not in counts:
         raise MMTalkerError(
-            f"{path} has vertices {vertices.shape}; a neutral head for this model needs "
+            f"{name} has vertices {vertices.shape}; a neutral head for this model needs "
             f"{' or '.join(map(str, counts))} vertices in its topology's order"
         )
     if not np.isfinite(vertices).all():
-        raise MMTalkerError(f"{path} has NaN or infinite vertex positions")
+        raise MMTalkerError(f"{name} has NaN or infinite vertex positions")
     return vertices

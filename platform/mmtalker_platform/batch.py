@@ -22,7 +22,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -33,14 +32,21 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import ray.data
-import trimesh
 from pydantic import BaseModel
 from ray.data import DataContext
 
 from mmtalker import storage
 from mmtalker.checkpoint import Checkpoint
 from mmtalker.errors import MMTalkerError
-from mmtalker.inference import Animation, Clip, Face, animate_clips, animate_face, face_of
+from mmtalker.inference import (
+    Animation,
+    Clip,
+    Face,
+    animate_clips,
+    animate_face,
+    face_of,
+    neutral_vertices,
+)
 from mmtalker.io.export import FORMATS, write_outputs
 from mmtalker.storage import S3Settings
 from mmtalker_platform.catalog import (
@@ -583,31 +589,8 @@ def animate_isolated(
 
 
 def load_template(uri: str, sizes: tuple[int, ...], s3: S3Settings | None = None) -> np.ndarray:
-    """A neutral face (V, 3) with V one of ``sizes``, from ``.npy``, ``.npz`` (``vertices`` or
-    ``template``), OBJ or PLY."""
-    data = storage.read_bytes(uri, s3, TEMPLATE_MAX_BYTES)
-    suffix = Path(uri).suffix.lower()
-    try:
-        if suffix == ".npy":
-            vertices = np.load(io.BytesIO(data), allow_pickle=False)
-        elif suffix == ".npz":
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                key = next(k for k in ("vertices", "template") if k in npz.files)
-                vertices = npz[key]
-        else:
-            mesh = trimesh.load(io.BytesIO(data), file_type=suffix.lstrip("."), process=False)
-            vertices = np.asarray(mesh.vertices)
-    except (ValueError, KeyError, StopIteration, OSError) as exc:
-        raise MMTalkerError(f"cannot read template {uri}: {exc}") from exc
-    vertices = np.asarray(vertices, np.float32)
-    if vertices.ndim != 2 or vertices.shape[1:] != (3,) or len(vertices) not in sizes:
-        raise MMTalkerError(
-            f"template {uri} must hold {' or '.join(map(str, sizes))} vertices (the model's mesh"
-            f"{' or the whole head' if len(sizes) > 1 else ''}), got shape {vertices.shape}"
-        )
-    if not np.isfinite(vertices).all():
-        raise MMTalkerError(f"template {uri} holds NaN or infinite positions")
-    return vertices
+    """A neutral face (V, 3) with V one of ``sizes`` (:func:`neutral_vertices`' formats)."""
+    return neutral_vertices(storage.read_bytes(uri, s3, TEMPLATE_MAX_BYTES), uri, sizes)
 
 
 def _write_progress(
