@@ -39,7 +39,10 @@ class TrainConfig(BaseModel):
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(8, ge=1)
     max_frames: int = Field(90, ge=8)
-    learning_rate: float = Field(1e-3, gt=0)
+    #: Peak rate of the warmup + cosine schedule: 3e-3 beat 1e-3 for both MMTalker and the
+    #: FaceFormer-style baseline in 5-minute runs on the bench corpus; the warmup and gradient
+    #: clipping keep it stable.
+    learning_rate: float = Field(3e-3, gt=0)
     sampler_learning_rate: float = Field(0.03, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(50, ge=0)
