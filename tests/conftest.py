@@ -42,7 +42,8 @@ def running_moto(port: int, log: Path | None = None) -> Iterator[str]:
         [str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=sink, stderr=subprocess.STDOUT
     )
     try:
-        deadline = time.monotonic() + 20
+        # Its imports alone can take over 20 s on a loaded 2-core machine.
+        deadline = time.monotonic() + 60
         while True:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.2).close()

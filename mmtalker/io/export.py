@@ -221,15 +221,10 @@ def output_bytes(
     frames, fps = _checked_frames(vertices, topology), _checked_fps(fps)
     if fmt == "npz":
         return npz_bytes(frames, fps, topology)
-    if rig is None:
-        return to_glb(frames, fps, topology)
-    _checked_rig(rig, topology)
-    arkit = ArkitSolver(rig).solve(frames)
-    return (
-        arkit_json(arkit, fps)
-        if fmt == "arkit"
-        else to_rigged_glb(arkit, fps, rig, topology, frames)
-    )
+    arkit = _solved_arkit(frames, topology, rig)
+    if fmt == "arkit" and arkit is not None:
+        return arkit_json(arkit, fps)
+    return _glb_bytes(frames, fps, topology, rig, arkit)
 
 
 def write_outputs(
@@ -259,26 +254,36 @@ def write_outputs(
     frames = _checked_frames(vertices, topology)
     fps = _checked_fps(fps)
     uris = {"npz": f"{base_uri}.npz"}
-    arkit = None
-    if rig is not None and formats & {"arkit", "glb"}:
-        _checked_rig(rig, topology)
-        arkit = ArkitSolver(rig).solve(frames)
+    arkit = _solved_arkit(frames, topology, rig) if formats & {"arkit", "glb"} else None
     if "glb" in formats:
         uris["glb"] = f"{base_uri}.glb"
-        if arkit is None:
-            glb = to_glb(frames, fps, topology)
-        else:
-            glb = to_rigged_glb(arkit, fps, rig, topology, frames)
-        storage.write_bytes(uris["glb"], glb, s3)
+        storage.write_bytes(uris["glb"], _glb_bytes(frames, fps, topology, rig, arkit), s3)
     if "obj" in formats:
         uris["obj"] = f"{base_uri}_obj/"
         _write_obj_folder(frames, fps, topology, uris["obj"], s3)
-    if "arkit" in formats:
+    if "arkit" in formats and arkit is not None:
         uris["arkit"], uris["arkit_json"] = f"{base_uri}_arkit.csv", f"{base_uri}_arkit.json"
         storage.write_bytes(uris["arkit"], arkit_csv(arkit, fps), s3)
         storage.write_bytes(uris["arkit_json"], arkit_json(arkit, fps), s3)
     write_npz(frames, fps, topology, uris["npz"], s3)
     return uris
+
+
+def _solved_arkit(frames: np.ndarray, topology: Topology, rig: Rig | None) -> np.ndarray | None:
+    """Per-frame ARKit weights against the speaker's rig; None without one."""
+    if rig is None:
+        return None
+    _checked_rig(rig, topology)
+    return ArkitSolver(rig).solve(frames)
+
+
+def _glb_bytes(
+    frames: np.ndarray, fps: float, topology: Topology, rig: Rig | None, arkit: np.ndarray | None
+) -> bytes:
+    """A rigged glTF when ARKit weights were solved, principal modes otherwise."""
+    if rig is None or arkit is None:
+        return to_glb(frames, fps, topology)
+    return to_rigged_glb(arkit, fps, rig, topology, frames)
 
 
 def _write_obj_folder(
