@@ -6,9 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 WORK ?= work
-# espeak-ng speaks the corpora; Festival (a second engine, two voices) speaks the unseen-voice
-# evaluation sets.
-APT_PACKAGES := espeak-ng festival festvox-kallpc16k festvox-us-slt-hts
+# espeak-ng speaks the corpora and Flite part of their training sentences; Festival (a third
+# engine, two voices) speaks the unseen-voice evaluation sets.
+APT_PACKAGES := espeak-ng festival festvox-kallpc16k festvox-us-slt-hts flite
 
 .PHONY: setup demo test lint format bench clean
 
@@ -18,6 +18,7 @@ setup: $(STAMP)
 # requirement on a fresh venv makes pip download a multi-GB CUDA build.
 $(STAMP): pyproject.toml
 	@if ! ldconfig -p | grep -q libespeak-ng.so.1 || ! command -v festival >/dev/null \
+		|| ! command -v flite >/dev/null \
 		|| [ ! -d /usr/share/festival/voices/us/cmu_us_slt_arctic_hts ]; then \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(APT_PACKAGES); fi
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -63,9 +63,15 @@ def synth(
         float | None,
         typer.Option(help="Share of training sentences spoken by another espeak-ng voice."),
     ] = None,
+    engine_share: Annotated[
+        float | None,
+        typer.Option(
+            help="Share of training sentences spoken by another engine (Flite's awb and rms)."
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset at --out.")] = False,
 ) -> None:
-    """Synthesise a speech-motion corpus: espeak-ng speech, phoneme-timed faces."""
+    """Synthesise a speech-motion corpus: espeak-ng (and Flite) speech, phoneme-timed faces."""
     from mmtalker.data.synth import SynthConfig, synthesize_corpus
 
     chosen = "tiny" if tiny else size
@@ -82,6 +88,7 @@ def synth(
             text_file=str(text) if text else None,
             face=face,
             voice_mix=voice_mix,
+            engine_share=engine_share,
         ).items()
         if value is not None
     }

@@ -12,6 +12,9 @@ rate) so a model hears many voices, not eight; the Klatt-synthesiser variants (`
 are never in that pool. ``voices`` replaces every speaker's voice by ones from a list, e.g.
 ``espeak:en-us+klatt3`` or ``festival:slt`` (:mod:`mmtalker.data.festival`): with ``splits:
 [test]`` that re-voices the held-out speakers with an engine or synthesiser no model trained on.
+``engine_voices`` adds other engines to training: ``engine_share`` of each training speaker's
+sentences is spoken by one of them (e.g. ``flite:awb``, :mod:`mmtalker.data.flite`), so a model
+hears speech that is not formant synthesis.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from mmtalker.data import motion
 from mmtalker.data.corpus_face import IDENTITY_SCALE, CorpusFace, IctFace, ProceduralFace
 from mmtalker.data.espeak import EspeakSynthesizer, Utterance
 from mmtalker.data.festival import FestivalSynthesizer
+from mmtalker.data.flite import FliteSynthesizer
 from mmtalker.data.sequence import Sequence
 from mmtalker.data.shards import DatasetManifest, DatasetWriter
 from mmtalker.errors import DatasetError
@@ -71,9 +75,13 @@ class SynthConfig(BaseModel):
     text_file: str | None = None
     #: Share of each training speaker's sentences spoken by another voice of the training pool.
     voice_mix: float = Field(0.0, ge=0.0, le=1.0)
-    #: Voices replacing every speaker's own (``espeak:VOICE[+VARIANT]`` or ``festival:NAME``),
-    #: one drawn per sentence; ``None`` keeps the speakers' voices.
+    #: Voices replacing every speaker's own (``espeak:VOICE[+VARIANT]``, ``festival:NAME`` or
+    #: ``flite:NAME``), one drawn per sentence; ``None`` keeps the speakers' voices.
     voices: list[str] | None = None
+    #: Voices of other engines (``festival:NAME``, ``flite:NAME``) for training speakers.
+    engine_voices: list[str] = ["flite:awb", "flite:rms"]
+    #: Share of each training speaker's sentences spoken by one of ``engine_voices``.
+    engine_share: float = Field(0.0, ge=0.0, le=1.0)
     #: The splits to synthesise (e.g. only ``test`` for a re-voiced evaluation set).
     splits: list[Split] = ["train", "val", "test"]
 
@@ -81,10 +89,20 @@ class SynthConfig(BaseModel):
     def _enough_training_speakers(self) -> SynthConfig:
         if self.speakers - self.val_speakers - self.test_speakers < 1:
             raise ValueError("speakers must exceed val_speakers + test_speakers by at least one")
-        for voice in self.voices or []:
+        for voice in [*(self.voices or []), *self.engine_voices]:
             engine, _, name = voice.partition(":")
-            if engine not in ("espeak", "festival") or not name:
-                raise ValueError(f"voice {voice!r} must be espeak:VOICE[+VARIANT] or festival:NAME")
+            if engine not in ("espeak", "festival", "flite") or not name:
+                raise ValueError(
+                    f"voice {voice!r} must be espeak:VOICE[+VARIANT], festival:NAME or flite:NAME"
+                )
+        if self.engine_share > 0 and not self.engine_voices:
+            raise ValueError("engine_share > 0 needs engine_voices, e.g. ['flite:awb']")
+        for voice in self.engine_voices:
+            if voice.startswith("espeak:"):
+                raise ValueError(
+                    f"engine_voices are other engines' voices, got {voice!r}; "
+                    "espeak-ng voices join training through voice_mix"
+                )
         if not self.splits:
             raise ValueError("splits is empty; name at least one of train, val, test")
         low, high = (
@@ -117,6 +135,7 @@ class SynthConfig(BaseModel):
                 face="ict",
                 num_vertices=2500,
                 voice_mix=0.5,
+                engine_share=0.25,
             ),
         }
         return cls(**{**presets[size], **overrides})
@@ -221,12 +240,18 @@ class VoiceChoice(BaseModel):
 def choose_voice(
     config: SynthConfig, speaker: Speaker, index: int, sentence: int, pool: list[str]
 ) -> VoiceChoice:
-    """The voice of one sentence: the speaker's own, one of ``config.voices``, or (``voice_mix``)
-    another from the training ``pool``; deterministic in (seed, speaker, sentence)."""
+    """The voice of one sentence: the speaker's own, one of ``config.voices``, one of
+    ``config.engine_voices`` (``engine_share``) or (``voice_mix``) another from the training
+    ``pool``; deterministic in (seed, speaker, sentence)."""
     rng = np.random.default_rng([config.seed, index, sentence + 1, 7])
     if config.voices is not None:
         voice = config.voices[int(rng.integers(len(config.voices)))]
         return VoiceChoice(voice=voice, rate=speaker.rate, pitch=speaker.pitch)
+    # Its own stream: corpora without other engines keep the voices they always had.
+    engine_rng = np.random.default_rng([config.seed, index, sentence + 1, 8])
+    if speaker.split == "train" and engine_rng.random() < config.engine_share:
+        voice = config.engine_voices[int(engine_rng.integers(len(config.engine_voices)))]
+        return VoiceChoice(voice=voice, rate=int(engine_rng.integers(130, 211)))
     if speaker.split == "train" and rng.random() < config.voice_mix:
         voice = pool[int(rng.integers(len(pool)))]
         return VoiceChoice(
@@ -238,12 +263,13 @@ def choose_voice(
 
 
 class Voices:
-    """The speech engines of a corpus: espeak-ng always, Festival when a voice asks for it."""
+    """The speech engines of a corpus: espeak-ng always, Festival and Flite when a voice asks."""
 
     def __init__(self, sample_rate: int) -> None:
         self.espeak = EspeakSynthesizer(sample_rate=sample_rate)
         self.sample_rate = sample_rate
         self._festival: FestivalSynthesizer | None = None
+        self._flite: FliteSynthesizer | None = None
 
     def espeak_pool(self) -> list[str]:
         """Training voices: every English voice with every variant but Klatt and whispers."""
@@ -258,6 +284,10 @@ class Voices:
             engine, _, voice = choice.voice.partition(":")
             if engine == "festival":
                 by_festival_voice.setdefault(voice, []).append(key)
+            elif engine == "flite":
+                if self._flite is None:
+                    self._flite = FliteSynthesizer(self.sample_rate)
+                spoken[key] = self._flite.synthesize(texts[key], voice, rate=choice.rate)
             else:
                 spoken[key] = self.espeak.synthesize(
                     texts[key], voice=voice, rate=choice.rate, pitch=choice.pitch

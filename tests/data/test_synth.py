@@ -110,6 +110,33 @@ def test_voice_mix_gives_training_speakers_other_voices_but_keeps_held_out_ones(
             assert own == 40  # held-out speakers are evaluated in their own voice
 
 
+def test_engine_share_gives_only_training_speakers_other_engines() -> None:
+    config = SynthConfig.preset(
+        "tiny", engine_voices=["flite:awb", "festival:kal"], engine_share=0.3
+    )
+    pool = ["en-us+m1"]
+    for index, speaker in enumerate(make_speakers(config)):
+        engines = [choose_voice(config, speaker, index, k, pool).voice for k in range(60)]
+        others = [v for v in engines if not v.startswith("espeak:")]
+        if speaker.split == "train":
+            assert 8 <= len(others) <= 30 and set(others) == {"flite:awb", "festival:kal"}
+        else:
+            assert others == []
+    # Without other engines every sentence keeps the voice it had before they existed.
+    plain = SynthConfig.preset("tiny", engine_share=0.0)
+    speaker = make_speakers(plain)[0]
+    assert [choose_voice(plain, speaker, 0, k, pool) for k in range(20)] == [
+        choose_voice(plain.model_copy(update={"engine_voices": ["flite:awb"]}), speaker, 0, k, pool)
+        for k in range(20)
+    ]
+    with pytest.raises(ValueError, match="needs engine_voices"):
+        SynthConfig(engine_voices=[], engine_share=0.2)
+    with pytest.raises(ValueError, match="voice_mix"):
+        SynthConfig(engine_voices=["espeak:en-us"])
+    with pytest.raises(ValueError, match="flite:NAME"):
+        SynthConfig(engine_voices=["awb"])
+
+
 def test_voices_override_revoices_only_the_chosen_splits(tmp_path: Path) -> None:
     base = SynthConfig.preset("tiny", speakers=4, sentences_per_speaker=2)
     voices = ["espeak:en-us+klatt3", "festival:kal"]
