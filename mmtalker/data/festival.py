@@ -88,12 +88,17 @@ class FestivalSynthesizer:
             ]
 
     def _utterance(self, wave: Path, segments: Path) -> Utterance:
-        audio, rate = sf.read(wave, dtype="float32", always_2d=True)
-        audio = audio.mean(axis=1)
-        if rate != self.sample_rate:
-            audio = soxr.resample(audio, rate, self.sample_rate)
-        audio = np.ascontiguousarray(np.clip(audio, -1.0, 1.0), dtype=np.float32)
+        audio = read_engine_wave(wave, self.sample_rate)
         return Utterance(audio, self.sample_rate, read_segments(segments.read_text("utf-8")), ())
+
+
+def read_engine_wave(wave: Path, sample_rate: int) -> np.ndarray:
+    """A speech engine's wav file as mono float32 in [-1, 1] at ``sample_rate``."""
+    audio, rate = sf.read(wave, dtype="float32", always_2d=True)
+    audio = audio.mean(axis=1)
+    if rate != sample_rate:
+        audio = soxr.resample(audio, rate, sample_rate)
+    return np.ascontiguousarray(np.clip(audio, -1.0, 1.0), dtype=np.float32)
 
 
 def read_segments(text: str) -> tuple[Phoneme, ...]:

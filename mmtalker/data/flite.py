@@ -14,12 +14,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import soundfile as sf
-import soxr
-
 from mmtalker.data.espeak import Phoneme, Utterance
-from mmtalker.data.festival import PHONES
+from mmtalker.data.festival import PHONES, read_engine_wave
 from mmtalker.errors import SynthesisError
 
 #: Flite voices this adapter offers. ``kal``/``kal16`` and ``slt`` are left out on purpose: they
@@ -71,11 +67,7 @@ class FliteSynthesizer:
             if result.returncode != 0 or not wave.is_file():
                 detail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
                 raise SynthesisError(f"Flite failed for voice {voice!r}: {detail[0]}")
-            audio, sample_rate = sf.read(wave, dtype="float32", always_2d=True)
-        audio = audio.mean(axis=1)
-        if sample_rate != self.sample_rate:
-            audio = soxr.resample(audio, sample_rate, self.sample_rate)
-        audio = np.ascontiguousarray(np.clip(audio, -1.0, 1.0), dtype=np.float32)
+            audio = read_engine_wave(wave, self.sample_rate)
         return Utterance(audio, self.sample_rate, read_phone_durations(result.stdout), ())
 
 
