@@ -70,6 +70,7 @@ bench: setup
 	$(BIN)/python bench/corpus.py
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/accuracy.py
+	$(BIN)/python bench/ceiling.py
 	$(BIN)/python bench/multires.py
 	$(BIN)/python bench/arkit_recovery.py --data $(WORK)/datasets/ict-2500v \
 		--checkpoint $(WORK)/bench/multires/coarse

@@ -309,6 +309,24 @@ def corpus_face(config: SynthConfig) -> CorpusFace:
     return ProceduralFace(config.num_vertices)
 
 
+def utterance_curves(
+    config: SynthConfig, speaker: Speaker, index: int, sentence: int, text: str,
+    utterance: Utterance,
+) -> np.ndarray:  # fmt: skip
+    """Channel activations (frames, len(CHANNELS)) of speaker ``index`` saying one sentence;
+    deterministic in (seed, speaker, sentence)."""
+    return motion.channel_curves(
+        utterance.phonemes,
+        utterance.audio,
+        utterance.sample_rate,
+        math.ceil(utterance.duration * config.fps),
+        config.fps,
+        speaker.style,
+        text.rstrip().endswith("?"),
+        np.random.default_rng([config.seed, index, sentence + 1]),
+    )
+
+
 def synthesize_corpus(
     config: SynthConfig,
     output: str,
@@ -361,19 +379,8 @@ def synthesize_corpus(
         }
         spoken = voices.speak({k: sentences[k] for k in plan[speaker.id]}, choices)
         for sentence in plan[speaker.id]:
-            rng = np.random.default_rng([config.seed, index, sentence + 1])
             text, utterance = sentences[sentence], spoken[sentence]
-            num_frames = math.ceil(utterance.duration * config.fps)
-            curves = motion.channel_curves(
-                utterance.phonemes,
-                utterance.audio,
-                utterance.sample_rate,
-                num_frames,
-                config.fps,
-                speaker.style,
-                text.rstrip().endswith("?"),
-                rng,
-            )
+            curves = utterance_curves(config, speaker, index, sentence, text, utterance)
             vertices, controls = faces[speaker.id].frames(curves)
             writer.add(
                 Sequence(

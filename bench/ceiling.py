@@ -1,0 +1,95 @@
+"""The best scores an audio-driven model can reach on a synthetic corpus's test split.
+
+Usage: python bench/ceiling.py [--size bench|demo] [--face procedural|ict] [--split test]
+
+The corpus generator drives each face from the sentence (phoneme timing, prominence, pauses,
+blinks) and from the speaker's *speaking style*: a gain per channel, drawn at random within
+±25 % for every speaker, independent of the voice. A model of unseen test speakers can hear the
+sentence but not the style, so its best prediction uses the population's mean gains (1). This
+benchmark scores that predictor (``timing-exact, mean style``): every sentence-level detail
+exact (even the random blinks), each channel divided by the speaker's gain. Its lip sync is the
+ceiling for the lip-sync metric, and its FDD shows how much of the signed split FDD comes from
+the test speakers' brow gains alone, per speaker and over the split. The static face is printed
+beside it. No training; a few seconds of speech synthesis per speaker.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import cast
+
+import numpy as np
+
+from mmtalker.data import motion
+from mmtalker.data.synth import (
+    Size,
+    SynthConfig,
+    Voices,
+    assign_sentences,
+    choose_voice,
+    corpus_face,
+    load_sentences,
+    make_speakers,
+    utterance_curves,
+)
+from mmtalker.eval.metrics import MetricAccumulator, fdd_sequence
+
+ROWS = (("lve", 1e5), ("eve", 1e5), ("mve", 1e3), ("fdd", 1e7), ("fdd_abs", 1e7), ("lip_sync", 1))
+
+
+def main() -> None:
+    """Score the timing-exact, mean-style predictor and the static face on one split."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="bench", choices=["demo", "bench"])
+    parser.add_argument("--face", default="procedural", choices=["procedural", "ict"])
+    parser.add_argument("--split", default="test", choices=["val", "test"])
+    args = parser.parse_args()
+    config = SynthConfig.preset(cast(Size, args.size), face=args.face)
+    sentences = load_sentences(config.text_file)
+    speakers = make_speakers(config)
+    plan = assign_sentences(config, speakers, len(sentences))
+    face = corpus_face(config)
+    voices = Voices(config.sample_rate)
+    scores = {name: MetricAccumulator.for_topology(face.topology) for name in ("static", "mean")}
+    per_speaker: dict[str, list[float]] = {}
+    for index, speaker in enumerate(speakers):
+        if speaker.split != args.split:
+            continue
+        speaker_face = face.speaker(
+            speaker.shape, np.asarray(speaker.identity) if speaker.identity else None
+        )
+        choices = {
+            k: choose_voice(config, speaker, index, k, voices.espeak_pool())
+            for k in plan[speaker.id]
+        }
+        spoken = voices.speak({k: sentences[k] for k in plan[speaker.id]}, choices)
+        gains = np.array([speaker.style.gains[name] for name in motion.CHANNELS])
+        neutral = speaker_face.neutral
+        for sentence in plan[speaker.id]:
+            curves = utterance_curves(
+                config, speaker, index, sentence, sentences[sentence], spoken[sentence]
+            )
+            truth = speaker_face.frames(curves)[0]
+            mean_style = speaker_face.frames(curves / gains)[0]
+            scores["mean"].add(mean_style, truth, neutral)
+            scores["static"].add(np.broadcast_to(neutral, truth.shape), truth, neutral)
+            per_speaker.setdefault(speaker.id, []).append(
+                fdd_sequence(mean_style, truth, neutral, face.topology.region("upper_face"))
+            )
+    results = {name: acc.result().as_dict() for name, acc in scores.items()}
+    print(f"{config.face} {args.size} corpus, {args.split} split, {len(per_speaker)} speakers")
+    print("predictor                    " + " ".join(f"{key:>9s}" for key, _ in ROWS))
+    for label, name in (("static face", "static"), ("timing-exact, mean style", "mean")):
+        values = " ".join(f"{results[name][key] * scale:9.3f}" for key, scale in ROWS)
+        print(f"{label:28s} {values}")
+    print("units: LVE, EVE x1e-5; MVE mm; FDD, |FDD| x1e-7 (per-sequence |FDD| mean)")
+    for speaker in speakers:
+        if speaker.id in per_speaker:
+            print(
+                f"  {speaker.id}: brow gain {speaker.style.gains['brow_raise']:.2f}, "
+                f"FDD of the mean-style predictor {np.mean(per_speaker[speaker.id]) * 1e7:+.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
