@@ -26,8 +26,9 @@ Protocol (the same for both models; every shared piece of machinery serves both)
 Printed: per seed and model LVE (x1e-5 m²), EVE (x1e-5 m²), MVE (mm), FDD and |FDD| (x1e-7 m²),
 lip sync (Pearson r of the mouth opening), per-region mean errors (mm) and training steps; then
 mean ± std over seeds, the ratios the targets refer to (MMTalker/baseline LVE per seed, EVE,
-|split FDD| and mean per-sequence |FDD|), the proxy table (LVE on each proxy, and each model's
-proxy LVE over its own test LVE), and MMTalker's learnt sampling density on lips and eyes.
+|split FDD| and mean per-sequence |FDD|), the split FDD of each test speaker, the proxy table
+(LVE on each proxy, and each model's proxy LVE over its own test LVE), and MMTalker's learnt
+sampling density on lips and eyes.
 Everything goes to OUT/accuracy.json; checkpoints to OUT/seedS/KIND. A benchmark: it reports
 figures and never fails on them.
 """
@@ -55,6 +56,7 @@ from mmtalker.data.sequence import Sequence
 from mmtalker.data.shards import MANIFEST, Dataset, open_dataset
 from mmtalker.data.synth import KLATT_VARIANTS, Size, SynthConfig, synthesize_corpus
 from mmtalker.geometry.uv import attach_uv
+from mmtalker.nn.base import AnimationModel
 from mmtalker.nn.mmtalker import MMTalker
 from mmtalker.training import TrainConfig, evaluate, fit
 
@@ -175,6 +177,18 @@ def learning_rates(text: str) -> dict[str, float]:
     return rates
 
 
+def fdd_by_speaker(
+    model: AnimationModel, sequences: list[Sequence], templates: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """Signed split FDD of each speaker's sequences: with few test speakers the split value is
+    mostly their speaking styles (see bench/ceiling.py), which this shows apart."""
+    speakers = sorted({seq.speaker for seq in sequences})
+    return {
+        speaker: evaluate(model, [q for q in sequences if q.speaker == speaker], templates).fdd
+        for speaker in speakers
+    }
+
+
 def run_parallel(commands: list[list[str]], jobs: int) -> None:
     """Run commands, ``jobs`` at a time; fail loudly if any fails."""
     pending = list(commands)
@@ -253,6 +267,7 @@ def main() -> None:
     topology = attach_uv(dataset.topology, np.mean(list(train_templates.values()), axis=0))
     static = build_model("static", {}, topology, train_templates)
     results = {"static": {name: evaluate(static, s, t).as_dict() for name, (s, t) in sets.items()}}
+    static_fdd = fdd_by_speaker(static, test, dataset.templates)
     runs: dict[str, dict[int, dict[str, Any]]] = {kind: {} for kind in KINDS}
     density: dict[int, dict[str, float]] = {}
     for seed in seeds:
@@ -262,7 +277,8 @@ def main() -> None:
             scores = {n: evaluate(checkpoint.model, s, t).as_dict() for n, (s, t) in sets.items()}
             history = checkpoint.metadata["history"]
             runs[kind][seed] = {
-                "scores": scores, "steps": history[-1]["steps"], "history": history
+                "scores": scores, "steps": history[-1]["steps"], "history": history,
+                "fdd_by_speaker": fdd_by_speaker(checkpoint.model, test, dataset.templates),
             }  # fmt: skip
             if kind == "mmtalker":
                 sampler = cast(MMTalker, checkpoint.model).sampler
@@ -333,6 +349,14 @@ def main() -> None:
             f"  MMTalker {name:<24}" + "".join(f"{v:8.3f}" for v in values) + f"   {targets[name]}"
         )
 
+    print("\nsplit FDD e-7 per test speaker (0 is perfect; static = the truth's own dynamics)")
+    print(f"{'model':<11}{'seed':>5}" + "".join(f"{name:>9}" for name in static_fdd))
+    print(f"{'static':<11}{'-':>5}" + "".join(f"{v * 1e7:>9.2f}" for v in static_fdd.values()))
+    for kind in KINDS:
+        for seed in seeds:
+            values = runs[kind][seed]["fdd_by_speaker"].values()
+            print(f"{kind:<11}{seed:>5}" + "".join(f"{v * 1e7:>9.2f}" for v in values))
+
     print("\nunseen-voice proxies: LVE e-5 (mean ± std over seeds; x own test LVE)")
     for name in sets:
         cells = [f"static {results['static'][name]['lve'] * 1e5:.3f}"]
@@ -359,7 +383,8 @@ def main() -> None:
         "learning_rates": args.learning_rates,
         "load_average_at_start": load, "num_vertices": topology.num_vertices,
         "note": "metrics unscaled: metres (lve_l2, eve_l2, mve*), m² (lve, eve, fdd)",
-        "static": results["static"], "runs": runs, "ratios": ratios, "sampling_density": density,
+        "static": results["static"], "static_fdd_by_speaker": static_fdd, "runs": runs,
+        "ratios": ratios, "sampling_density": density,
     }  # fmt: skip
     (out / "accuracy.json").write_text(json.dumps(report, indent=2))
     print(f"\ncheckpoints and accuracy.json in {out}")
