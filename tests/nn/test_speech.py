@@ -178,23 +178,38 @@ def test_light_receptive_field_grows_with_depth() -> None:
     # hardly do, so outside a level's reach only the normalisation moves the features a little.
     cut, half = 2 * SR, SR // 2
     swapped = torch.cat([audio[:, :cut], audio[:, cut + half :], audio[:, cut : cut + half]], 1)
-    encoder = light(levels=3)
-    with torch.no_grad():
-        before, after = encoder(audio, 300), encoder(swapped, 300)  # frame k: [10k, 10k + 10) ms
 
-    def change(frames: slice) -> list[float]:
+    def change(blocks_per_level: int, frames: slice) -> list[float]:
         """Per level: change in these frames over the change in frames beyond every reach."""
+        encoder = light(levels=3, blocks_per_level=blocks_per_level)
+        with torch.no_grad():
+            before, after = encoder(audio, 300), encoder(swapped, 300)  # frame k: 10k ms
         return [
             relative(b[:, frames], a[:, frames]) / relative(b[:, :30], a[:, :30])
             for a, b in zip(before, after, strict=True)
         ]
 
     # 100-250 ms before the swap: out of level 0's reach (~90 ms), within level 1's (~330 ms).
-    near = change(slice(175, 190))
+    near = change(1, slice(175, 190))
     assert near[2] > near[1] > 3 * near[0]
     # 0.4-1 s before: only level 2 (~1.3 s) reaches.
-    far = change(slice(100, 160))
+    far = change(1, slice(100, 160))
     assert far[2] > 3 * max(far[0], far[1])
+
+
+@pytest.mark.parametrize(("blocks_per_level", "reach_ms"), [(1, 75), (3, 195)])
+def test_light_level_reach_follows_blocks_per_level(blocks_per_level: int, reach_ms: int) -> None:
+    encoder = light(levels=2, blocks_per_level=blocks_per_level)
+    logmel = torch.randn(1, encoder.config.n_mels, 200, requires_grad=True)
+    # Gradients from the log-mel frames (10 ms) show the reach exactly; the per-utterance
+    # standardisation before them would blur it.
+    encoder.log_mel = lambda audio, lengths: logmel  # type: ignore[method-assign]
+    level0 = encoder(torch.zeros(1, 200 * encoder.hop), 100)[0]
+    level0[0, 50].sum().backward()  # output frame 50 of 100: the 20 ms cell [1000, 1020) ms
+    assert logmel.grad is not None
+    reached = logmel.grad[0].abs().sum(0).nonzero().flatten()
+    before, after = 10 * (100 - int(reached.min())), 10 * (int(reached.max()) + 1 - 102)
+    assert abs(before - reach_ms) <= 20 and abs(after - reach_ms) <= 20, (before, after)
 
 
 def test_light_rejects_bad_inputs() -> None:
