@@ -68,9 +68,11 @@ class SpeechConfig(BaseModel):
     freeze: bool = True
     sample_rate: int = Field(16000, ge=8000)
     n_mels: int = Field(64, ge=8, le=128)
-    #: Light encoder: dilated blocks per level. Three beat one (lip sync 0.893 vs 0.865, lips
-    #: LVE -7%) and four in 5-minute bench runs: one block was too shallow to tell visemes apart.
-    blocks_per_level: int = Field(3, ge=1, le=8)
+    #: Light encoder: dilated blocks per level. Three help in short runs (5-minute bench runs:
+    #: MMTalker lip sync 0.893 vs 0.865) but not MMTalker at 20 minutes (fewer steps; unseen
+    #: engines' LVE +3-7%, inference 16% slower), while the FaceFormer-style baseline, which
+    #: reads only the deepest level, gains much (LVE 0.46 vs 0.68 ×1e-5 over three seeds).
+    blocks_per_level: int = Field(1, ge=1, le=8)
     #: Pretrained: longer audio runs in chunks of at most this, overlapping by 1 s.
     max_chunk_seconds: float = Field(20.0, ge=2 * CHUNK_OVERLAP_SECONDS)
 
@@ -235,8 +237,8 @@ class LightSpeechEncoder(SpeechEncoder):
     ``k = blocks_per_level`` blocks of stage i.
 
     Stage ``i``'s blocks use dilations ``4**i`` and ``2 * 4**i`` (20 ms frames), so level ``i``
-    sees about ``±k * (4**(i+1) - 1) * 20 ms`` plus the stem's 15 ms: for k = 3, 195 ms, 915 ms,
-    3.8 s.
+    sees about ``±k * (4**(i+1) - 1) * 20 ms`` plus the stem's 15 ms: for k = 1, 75 ms, 315 ms,
+    1.3 s; for k = 3, 195 ms, 915 ms, 3.8 s.
     """
 
     def __init__(self, config: SpeechConfig) -> None:
