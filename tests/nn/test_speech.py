@@ -178,22 +178,22 @@ def test_light_receptive_field_grows_with_depth() -> None:
     # hardly do, so outside a level's reach only the normalisation moves the features a little.
     cut, half = 2 * SR, SR // 2
     swapped = torch.cat([audio[:, :cut], audio[:, cut + half :], audio[:, cut : cut + half]], 1)
+    encoder = light(levels=3)
+    with torch.no_grad():
+        before, after = encoder(audio, 300), encoder(swapped, 300)  # frame k: [10k, 10k + 10) ms
 
-    def change(blocks_per_level: int, frames: slice) -> list[float]:
+    def change(frames: slice) -> list[float]:
         """Per level: change in these frames over the change in frames beyond every reach."""
-        encoder = light(levels=3, blocks_per_level=blocks_per_level)
-        with torch.no_grad():
-            before, after = encoder(audio, 300), encoder(swapped, 300)  # frame k: 10k ms
         return [
             relative(b[:, frames], a[:, frames]) / relative(b[:, :30], a[:, :30])
             for a, b in zip(before, after, strict=True)
         ]
 
     # 100-250 ms before the swap: out of level 0's reach (~90 ms), within level 1's (~330 ms).
-    near = change(1, slice(175, 190))
+    near = change(slice(175, 190))
     assert near[2] > near[1] > 3 * near[0]
     # 0.4-1 s before: only level 2 (~1.3 s) reaches.
-    far = change(1, slice(100, 160))
+    far = change(slice(100, 160))
     assert far[2] > 3 * max(far[0], far[1])
 
 
