@@ -26,11 +26,10 @@ from mmtalker.data.synth import (
     SynthConfig,
     Voices,
     assign_sentences,
-    choose_voice,
     corpus_face,
     load_sentences,
     make_speakers,
-    utterance_curves,
+    spoken_curves,
 )
 from mmtalker.eval.metrics import MetricAccumulator, fdd_sequence
 
@@ -58,17 +57,11 @@ def main() -> None:
         speaker_face = face.speaker(
             speaker.shape, np.asarray(speaker.identity) if speaker.identity else None
         )
-        choices = {
-            k: choose_voice(config, speaker, index, k, voices.espeak_pool())
-            for k in plan[speaker.id]
-        }
-        spoken = voices.speak({k: sentences[k] for k in plan[speaker.id]}, choices)
         gains = np.array([speaker.style.gains[name] for name in motion.CHANNELS])
         neutral = speaker_face.neutral
-        for sentence in plan[speaker.id]:
-            curves = utterance_curves(
-                config, speaker, index, sentence, sentences[sentence], spoken[sentence]
-            )
+        for _, _, curves in spoken_curves(
+            config, speaker, index, plan[speaker.id], sentences, voices
+        ):
             truth = speaker_face.frames(curves)[0]
             mean_style = speaker_face.frames(curves / gains)[0]
             scores["mean"].add(mean_style, truth, neutral)

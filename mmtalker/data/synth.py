@@ -20,7 +20,7 @@ hears speech that is not formant synthesis.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -309,22 +309,31 @@ def corpus_face(config: SynthConfig) -> CorpusFace:
     return ProceduralFace(config.num_vertices)
 
 
-def utterance_curves(
-    config: SynthConfig, speaker: Speaker, index: int, sentence: int, text: str,
-    utterance: Utterance,
-) -> np.ndarray:  # fmt: skip
-    """Channel activations (frames, len(CHANNELS)) of speaker ``index`` saying one sentence;
-    deterministic in (seed, speaker, sentence)."""
-    return motion.channel_curves(
-        utterance.phonemes,
-        utterance.audio,
-        utterance.sample_rate,
-        math.ceil(utterance.duration * config.fps),
-        config.fps,
-        speaker.style,
-        text.rstrip().endswith("?"),
-        np.random.default_rng([config.seed, index, sentence + 1]),
-    )
+def spoken_curves(
+    config: SynthConfig, speaker: Speaker, index: int, planned: list[int], sentences: list[str],
+    voices: Voices,
+) -> Iterator[tuple[int, Utterance, np.ndarray]]:  # fmt: skip
+    """Each planned sentence of speaker ``index`` (its place in ``make_speakers``): its number,
+    the utterance and the face's channel activations (frames, len(CHANNELS)), deterministic in
+    (seed, speaker, sentence)."""
+    choices = {
+        sentence: choose_voice(config, speaker, index, sentence, voices.espeak_pool())
+        for sentence in planned
+    }
+    spoken = voices.speak({k: sentences[k] for k in planned}, choices)
+    for sentence in planned:
+        utterance = spoken[sentence]
+        curves = motion.channel_curves(
+            utterance.phonemes,
+            utterance.audio,
+            utterance.sample_rate,
+            math.ceil(utterance.duration * config.fps),
+            config.fps,
+            speaker.style,
+            sentences[sentence].rstrip().endswith("?"),
+            np.random.default_rng([config.seed, index, sentence + 1]),
+        )
+        yield sentence, utterance, curves
 
 
 def synthesize_corpus(
@@ -372,15 +381,10 @@ def synthesize_corpus(
     done = 0
     index_of = {s.id: i for i, s in enumerate(make_speakers(config))}
     for speaker in speakers:
-        index = index_of[speaker.id]
-        choices = {
-            sentence: choose_voice(config, speaker, index, sentence, voices.espeak_pool())
-            for sentence in plan[speaker.id]
-        }
-        spoken = voices.speak({k: sentences[k] for k in plan[speaker.id]}, choices)
-        for sentence in plan[speaker.id]:
-            text, utterance = sentences[sentence], spoken[sentence]
-            curves = utterance_curves(config, speaker, index, sentence, text, utterance)
+        for sentence, utterance, curves in spoken_curves(
+            config, speaker, index_of[speaker.id], plan[speaker.id], sentences, voices
+        ):
+            text = sentences[sentence]
             vertices, controls = faces[speaker.id].frames(curves)
             writer.add(
                 Sequence(
