@@ -55,10 +55,11 @@ from mmtalker.data.augment import AugmentConfig, augment_audio
 from mmtalker.data.sequence import Sequence
 from mmtalker.data.shards import MANIFEST, Dataset, open_dataset
 from mmtalker.data.synth import KLATT_VARIANTS, Size, SynthConfig, synthesize_corpus
+from mmtalker.eval.metrics import MetricAccumulator
 from mmtalker.geometry.uv import attach_uv
 from mmtalker.nn.base import AnimationModel
 from mmtalker.nn.mmtalker import MMTalker
-from mmtalker.training import TrainConfig, evaluate, fit
+from mmtalker.training import TrainConfig, fit, predictions
 
 KINDS = ("mmtalker", "faceformer")
 #: Peak learning rate per model (see the module docstring for how they were chosen).
@@ -177,16 +178,23 @@ def learning_rates(text: str) -> dict[str, float]:
     return rates
 
 
-def fdd_by_speaker(
-    model: AnimationModel, sequences: list[Sequence], templates: dict[str, np.ndarray]
-) -> dict[str, float]:
-    """Signed split FDD of each speaker's sequences: with few test speakers the split value is
-    mostly their speaking styles (see bench/ceiling.py), which this shows apart."""
-    speakers = sorted({seq.speaker for seq in sequences})
-    return {
-        speaker: evaluate(model, [q for q in sequences if q.speaker == speaker], templates).fdd
-        for speaker in speakers
-    }
+def score_sets(
+    model: AnimationModel, sets: dict[str, tuple[list[Sequence], dict[str, np.ndarray]]]
+) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Metrics on every set, and the signed FDD of each test speaker from the same predictions:
+    with few test speakers the split value is mostly their speaking styles (bench/ceiling.py)."""
+    scores, speakers = {}, {}
+    for name, (sequences, templates) in sets.items():
+        overall = MetricAccumulator.for_topology(model.topology)
+        by_speaker: dict[str, MetricAccumulator] = {}
+        for seq, template, predicted in predictions(model, sequences, templates):
+            overall.add(predicted, seq.vertices, template)
+            by_speaker.setdefault(seq.speaker, MetricAccumulator.for_topology(model.topology)).add(
+                predicted, seq.vertices, template
+            )
+        scores[name] = overall.result().as_dict()
+        speakers[name] = {s: acc.result().fdd for s, acc in sorted(by_speaker.items())}
+    return scores, speakers["test"]
 
 
 def run_parallel(commands: list[list[str]], jobs: int) -> None:
@@ -266,19 +274,19 @@ def main() -> None:
     train_templates = {s: dataset.templates[s] for s in dataset.manifest.splits["train"].speakers}
     topology = attach_uv(dataset.topology, np.mean(list(train_templates.values()), axis=0))
     static = build_model("static", {}, topology, train_templates)
-    results = {"static": {name: evaluate(static, s, t).as_dict() for name, (s, t) in sets.items()}}
-    static_fdd = fdd_by_speaker(static, test, dataset.templates)
+    static_scores, static_fdd = score_sets(static, sets)
+    results = {"static": static_scores}
     runs: dict[str, dict[int, dict[str, Any]]] = {kind: {} for kind in KINDS}
     density: dict[int, dict[str, float]] = {}
     for seed in seeds:
         for kind in KINDS:
             checkpoint = load_checkpoint(out / f"seed{seed}" / kind)
             print(f"scoring {kind} seed {seed} ...", file=sys.stderr, flush=True)
-            scores = {n: evaluate(checkpoint.model, s, t).as_dict() for n, (s, t) in sets.items()}
+            scores, fdd_by_speaker = score_sets(checkpoint.model, sets)
             history = checkpoint.metadata["history"]
             runs[kind][seed] = {
                 "scores": scores, "steps": history[-1]["steps"], "history": history,
-                "fdd_by_speaker": fdd_by_speaker(checkpoint.model, test, dataset.templates),
+                "fdd_by_speaker": fdd_by_speaker,
             }  # fmt: skip
             if kind == "mmtalker":
                 sampler = cast(MMTalker, checkpoint.model).sampler
