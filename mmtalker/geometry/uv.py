@@ -78,10 +78,15 @@ def barycentric_interpolate(
         faces_t = torch.as_tensor(faces, dtype=torch.long, device=values.device)
         index = torch.as_tensor(face_index, dtype=torch.long, device=values.device)
         weights = torch.as_tensor(bary, dtype=values.dtype, device=values.device)
-        corners = values[..., faces_t[index], :]
-    else:
-        corners = values[..., np.asarray(faces)[np.asarray(face_index)], :]
-        weights = np.asarray(bary, dtype=np.result_type(values.dtype, np.float32))
+        corners = faces_t[index]
+        # Vertex-major, so each corner gathers whole rows (every frame's values of a vertex):
+        # gathering C floats per frame and point was 3x slower on a training batch's targets.
+        rows = values.movedim(-2, 0).reshape(values.shape[-2], -1)
+        points = sum(rows[corners[:, k]] * weights[:, k, None] for k in range(3))
+        points = points.view(len(index), *values.shape[:-2], values.shape[-1])
+        return points.movedim(0, -2).contiguous()
+    corners = values[..., np.asarray(faces)[np.asarray(face_index)], :]
+    weights = np.asarray(bary, dtype=np.result_type(values.dtype, np.float32))
     return (corners * weights[..., None]).sum(-2)
 
 

@@ -40,6 +40,14 @@ def pooling_matrix(assignment: np.ndarray, count: int) -> np.ndarray:
     return matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1.0)
 
 
+def cluster_mean(x: Tensor, assignment: Tensor, sizes: Tensor) -> Tensor:
+    """Mean of x (B, N, D) over the clusters of ``assignment`` (N,) of ``sizes`` (K,): (B, K, D)."""
+    # A segment sum: the dense pooling product it replaces was almost all zeros and took a
+    # tenth of a training step.
+    total = x.new_zeros(x.shape[0], len(sizes), x.shape[2]).index_add_(1, assignment, x)
+    return total / sizes[:, None]
+
+
 def coarse_edges(edges: np.ndarray, assignment: np.ndarray) -> np.ndarray:
     """Edges between clusters that share a fine edge (self-loops dropped)."""
     coarse = assignment[edges]
@@ -115,7 +123,9 @@ class MeshEncoder(nn.Module):
             pool = pooling_matrix(assignment, count)
             edges = coarse_edges(edges, assignment)
             points = pool @ points
-            self.register_buffer(f"pool_{level}", torch.as_tensor(pool), persistent=False)
+            sizes = np.bincount(assignment, minlength=count).astype(np.float32)
+            self.register_buffer(f"assignment_{level}", torch.as_tensor(assignment), False)
+            self.register_buffer(f"cluster_size_{level}", torch.as_tensor(sizes), False)
             self.sizes.append(count)
             self._register_adjacency(level, edges, count)
             self.levels.append(nn.ModuleList(ResidualGCNBlock(dim) for _ in range(blocks)))
@@ -147,7 +157,9 @@ class MeshEncoder(nn.Module):
         x = self.input(torch.cat([centred / scale, uv, centred], dim=-1))
         for level, blocks in enumerate(self.levels):
             if level > 0:
-                x = getattr(self, f"pool_{level}") @ x
+                x = cluster_mean(
+                    x, getattr(self, f"assignment_{level}"), getattr(self, f"cluster_size_{level}")
+                )
             adjacency = self.adjacency(level)
             for block in blocks:
                 x = block(x, adjacency)

@@ -2,7 +2,14 @@ import numpy as np
 import torch
 from torch_geometric.nn import GCNConv
 
-from mmtalker.nn.gcn import GraphConvolution, MeshEncoder, mesh_edges
+from mmtalker.nn.gcn import (
+    GraphConvolution,
+    MeshEncoder,
+    cluster_mean,
+    farthest_point_clusters,
+    mesh_edges,
+    pooling_matrix,
+)
 
 
 def test_graph_convolution_matches_torch_geometric_gcnconv(small_face: tuple) -> None:
@@ -30,3 +37,12 @@ def test_mesh_encoder_runs_under_bf16_autocast(small_face: tuple) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         tokens = encoder(faces)
     assert tokens.shape == (2, 10, 16) and torch.isfinite(tokens).all()
+
+
+def test_cluster_mean_is_the_pooling_matrix_product(small_face: tuple) -> None:
+    _, topology = small_face
+    assignment = farthest_point_clusters(topology.uv, 40)
+    sizes = torch.as_tensor(np.bincount(assignment, minlength=40), dtype=torch.float32)
+    x = torch.randn(3, topology.num_vertices, 5)
+    expected = torch.as_tensor(pooling_matrix(assignment, 40)) @ x
+    torch.testing.assert_close(cluster_mean(x, torch.as_tensor(assignment), sizes), expected)
