@@ -123,7 +123,7 @@ class MeshEncoder(nn.Module):
             pool = pooling_matrix(assignment, count)
             edges = coarse_edges(edges, assignment)
             points = pool @ points
-            sizes = np.bincount(assignment, minlength=count).astype(np.float32)
+            sizes = np.maximum(np.bincount(assignment, minlength=count), 1).astype(np.float32)
             self.register_buffer(f"assignment_{level}", torch.as_tensor(assignment), False)
             self.register_buffer(f"cluster_size_{level}", torch.as_tensor(sizes), False)
             self.sizes.append(count)
