@@ -1,10 +1,13 @@
+import io
+
 import numpy as np
 import pytest
 import torch
 
 from mmtalker.checkpoint import build_model
-from mmtalker.data.batch import collate
+from mmtalker.data.batch import Batch, collate
 from mmtalker.data.shards import open_dataset
+from mmtalker.errors import MMTalkerError
 from mmtalker.geometry.uv import attach_uv
 from mmtalker.nn.mmtalker import MMTalkerConfig
 from mmtalker.training import (
@@ -87,3 +90,65 @@ def test_trainer_steps_reduce_the_loss_on_a_fixed_batch(
         last = trainer.step(batch)
     assert last["loss"] < first["loss"]
     assert np.isfinite(last["grad_norm"])
+
+
+def _fixed_batch_trainer(
+    tiny_corpus: str, small_model: torch.nn.Module, weight_average: float
+) -> tuple[Trainer, Batch]:
+    ds = open_dataset(tiny_corpus)
+    seqs = list(ds.sequences("train"))[:2]
+    train = {s: ds.templates[s] for s in ds.manifest.splits["train"].speakers}
+    topology = attach_uv(ds.topology, np.mean(list(train.values()), axis=0))
+    torch.manual_seed(0)
+    model = build_model("mmtalker", small_model.config, topology, train)
+    config = TrainConfig(learning_rate=3e-3, warmup_steps=1, weight_average=weight_average)
+    return Trainer(model, config, total_steps=30), collate(seqs, ds.templates, {}, max_frames=30)
+
+
+def test_the_scored_weights_are_a_moving_average_of_the_training_weights(
+    tiny_corpus: str, small_model: torch.nn.Module
+) -> None:
+    trainer, batch = _fixed_batch_trainer(tiny_corpus, small_model, weight_average=0.5)
+    expected = None
+    for updates in range(4):
+        trainer.step(batch)
+        current = [p.detach().clone() for p in trainer.module.parameters()]
+        # The decay ramps up as (1 + n) / (10 + n) towards 0.5; the first update copies.
+        decay = min(0.5, (1 + updates) / (10 + updates))
+        expected = (
+            current
+            if expected is None
+            else [a + (1 - decay) * (c - a) for a, c in zip(expected, current, strict=True)]
+        )
+    scored = list(trainer.scored.parameters())
+    assert all(torch.allclose(s, e, atol=1e-6) for s, e in zip(scored, expected, strict=True))
+    assert not all(torch.equal(s, c) for s, c in zip(scored, current, strict=True))
+    plain, _ = _fixed_batch_trainer(tiny_corpus, small_model, weight_average=0.0)
+    assert plain.scored is plain.module
+
+
+def test_a_resumed_trainer_continues_the_weights_and_their_average(
+    tiny_corpus: str, small_model: torch.nn.Module
+) -> None:
+    first, batch = _fixed_batch_trainer(tiny_corpus, small_model, weight_average=0.9)
+    for _ in range(3):
+        first.step(batch)
+    # Through a file, as workers checkpoint it: tensors and numbers only.
+    saved = io.BytesIO()
+    torch.save(first.state_dict(), saved)
+    saved.seek(0)
+    state = torch.load(saved, weights_only=True)
+    second, _ = _fixed_batch_trainer(tiny_corpus, small_model, weight_average=0.9)
+    second.load_state_dict(state)
+    for trainer in (first, second):
+        torch.manual_seed(1)
+        trainer.step(batch)
+    for a, b in ((first.module, second.module), (first.scored, second.scored)):
+        assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    with pytest.raises(MMTalkerError, match="predates weight averaging"):
+        second.load_state_dict({k: v for k, v in state.items() if k != "weights"})
+    plain, _ = _fixed_batch_trainer(tiny_corpus, small_model, weight_average=0.0)
+    with pytest.raises(MMTalkerError, match="no weight average"):
+        _fixed_batch_trainer(tiny_corpus, small_model, weight_average=0.9)[0].load_state_dict(
+            plain.state_dict()
+        )

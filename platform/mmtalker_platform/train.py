@@ -146,7 +146,7 @@ def train_loop(raw: dict[str, Any]) -> None:
             continue
         if validate and "val" in dataset.manifest.splits:
             scores = evaluate(
-                trainer.module, dataset.sequences("val"), dataset.templates, trainer.device
+                trainer.scored, dataset.sequences("val"), dataset.templates, trainer.device
             )
             metrics.update({f"val_{k}": float(v) for k, v in scores.as_dict().items()})
         tracking.log_metrics(config.tracking_uri, config.run_id, metrics, step=epoch)
@@ -171,7 +171,7 @@ def _save(
 ) -> None:  # fmt: skip
     manifest = dataset.manifest
     save_checkpoint(
-        directory / MODEL_DIR, trainer.module, templates, manifest.fps, manifest.sample_rate,
+        directory / MODEL_DIR, trainer.scored, templates, manifest.fps, manifest.sample_rate,
         {"job": job, "dataset": dataset.uri, "epoch": epoch},
     )  # fmt: skip
     state = {"trainer": trainer.state_dict(), "epoch": epoch, "step": step, "resumes": resumes}
@@ -179,9 +179,9 @@ def _save(
 
 
 def _restore(directory: Path, trainer: Trainer) -> tuple[int, int, int]:
-    weights = load_checkpoint(directory / MODEL_DIR).model.state_dict()
-    trainer.module.load_state_dict(weights)
-    # weights_only: the state holds tensors and numbers, and nothing else may be unpickled.
+    # The model folder holds the weights users get (the average); training resumes from the
+    # state's own weights. weights_only: the state holds tensors and numbers, nothing else may
+    # be unpickled.
     state = torch.load(directory / STATE_FILE, map_location=trainer.device, weights_only=True)
     trainer.load_state_dict(state["trainer"])
     return int(state["epoch"]), int(state["step"]), int(state["resumes"])
