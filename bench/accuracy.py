@@ -12,9 +12,9 @@ Protocol (the same for both models; every shared piece of machinery serves both)
   decay to zero) is spread over that budget. Each model trains at its own peak learning rate
   (``LEARNING_RATES``: the best of 1e-3, 3e-3 and 5e-3 in 5-minute runs; the baseline got the
   rate with its better *test* score, the stronger baseline, as its val scores tied). Validation
-  runs outside the budget, ten times (``TrainConfig.validations``), and the weights with the best
-  validation LVE are kept: model selection sees the val split only. The test split is scored
-  once, at the end.
+  runs outside the budget, ten times (``TrainConfig.validations``), on the moving average of
+  the weights (``TrainConfig.weight_average``), and the average with the best validation LVE is
+  kept: model selection sees the val split only. The test split is scored once, at the end.
 * Every seed trains MMTalker and the baseline side by side, one process and one CPU thread each
   (``--jobs 2``), so both see the same machine load; with ``--jobs 1`` they take turns.
 * The test split's speakers (voices and faces) and sentences are unseen in training. Besides it,
