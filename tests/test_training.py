@@ -72,37 +72,31 @@ def test_short_training_beats_the_static_template(
     assert model.sampler.density_ratio(topology.region("lips")) > 2.0
 
 
-def test_trainer_steps_reduce_the_loss_on_a_fixed_batch(
-    tiny_corpus: str, small_model: torch.nn.Module
-) -> None:
+def _fixed_batch_trainer(
+    tiny_corpus: str, small_model: torch.nn.Module, weight_average: float = 0.995
+) -> tuple[Trainer, Batch]:
+    """A trainer of a small MMTalker and one batch of two training sequences to step it on."""
     ds = open_dataset(tiny_corpus)
     seqs = list(ds.sequences("train"))[:2]
-    templates = {s.speaker: ds.templates[s.speaker] for s in seqs}
     # A model built on the tiny corpus' topology, not the fixture's face.
     train = {s: ds.templates[s] for s in ds.manifest.splits["train"].speakers}
     topology = attach_uv(ds.topology, np.mean(list(train.values()), axis=0))
+    torch.manual_seed(0)
     model = build_model("mmtalker", small_model.config, topology, train)
-    model.displacement_scale.fill_(displacement_scale(seqs, templates))
-    batch = collate(seqs, ds.templates, {}, max_frames=30)
-    trainer = Trainer(model, TrainConfig(learning_rate=3e-3, warmup_steps=1), total_steps=30)
+    model.displacement_scale.fill_(displacement_scale(seqs, ds.templates))
+    config = TrainConfig(learning_rate=3e-3, warmup_steps=1, weight_average=weight_average)
+    return Trainer(model, config, total_steps=30), collate(seqs, ds.templates, {}, max_frames=30)
+
+
+def test_trainer_steps_reduce_the_loss_on_a_fixed_batch(
+    tiny_corpus: str, small_model: torch.nn.Module
+) -> None:
+    trainer, batch = _fixed_batch_trainer(tiny_corpus, small_model)
     first = trainer.step(batch)
     for _ in range(15):
         last = trainer.step(batch)
     assert last["loss"] < first["loss"]
     assert np.isfinite(last["grad_norm"])
-
-
-def _fixed_batch_trainer(
-    tiny_corpus: str, small_model: torch.nn.Module, weight_average: float
-) -> tuple[Trainer, Batch]:
-    ds = open_dataset(tiny_corpus)
-    seqs = list(ds.sequences("train"))[:2]
-    train = {s: ds.templates[s] for s in ds.manifest.splits["train"].speakers}
-    topology = attach_uv(ds.topology, np.mean(list(train.values()), axis=0))
-    torch.manual_seed(0)
-    model = build_model("mmtalker", small_model.config, topology, train)
-    config = TrainConfig(learning_rate=3e-3, warmup_steps=1, weight_average=weight_average)
-    return Trainer(model, config, total_steps=30), collate(seqs, ds.templates, {}, max_frames=30)
 
 
 def test_the_scored_weights_are_a_moving_average_of_the_training_weights(
