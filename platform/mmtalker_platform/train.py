@@ -3,9 +3,10 @@
 :func:`run_training` is the driver: it prepares tracking (the sqlite database is created here,
 before any worker logs), measures the training data's displacement scale with one Ray Data
 pass, runs a ``TorchTrainer`` whose workers stream their share of the shards, then scores the
-final checkpoint on the test split and registers it. Every epoch ends in a checkpoint, so a
-lost worker costs at most the epoch in progress; a job re-run under the same name continues
-from its last checkpoint (Ray Train restores its run state from the storage path).
+final checkpoint on the test split and registers it. Every validation ends in a checkpoint (the
+last epoch always validates), so a lost worker costs at most the epochs since; a job re-run
+under the same name continues from its last checkpoint (Ray Train restores its run state from
+the storage path), and one whose checkpoint holds every epoch is refused before workers start.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import click
 import numpy as np
+import pyarrow.fs as pafs
 import ray.train
 import ray.train.torch
 import torch
@@ -199,6 +201,19 @@ def _run_config(spec: TrainJobSpec, settings: PlatformSettings) -> ray.train.Run
     )
 
 
+def _checkpointed_epochs(run_config: ray.train.RunConfig) -> int:
+    """Epochs done by the job's latest checkpoint in its storage folder; 0 for a new job."""
+    filesystem = run_config.storage_filesystem
+    folder = f"{run_config.storage_path}/{run_config.name}"
+    if filesystem.get_file_info(folder).type == pafs.FileType.NotFound:
+        return 0
+    try:
+        result = ray.train.Result.from_path(folder, storage_filesystem=filesystem)
+    except RuntimeError:  # a folder without Ray Train's snapshot: nothing was checkpointed
+        return 0
+    return int((result.metrics or {}).get("epoch", 0))
+
+
 def _worker_resources(spec: TrainJobSpec) -> dict[str, float]:
     scaling = spec.scaling
     resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
@@ -230,6 +245,13 @@ def run_training(spec: TrainJobSpec, settings: PlatformSettings | None = None) -
     # Where results go is settled first: a location that cannot keep them fails before Ray starts.
     tracking_uri = spec.mlflow.tracking_uri or settings.tracking_uri
     run_config = _run_config(spec, settings)
+    if _checkpointed_epochs(run_config) >= spec.train.epochs:
+        # Registering the finished run's weights again would only add a duplicate version;
+        # asked before Ray Train starts workers to find out the same.
+        raise TrainingError(
+            f"job {spec.name!r} had already trained all {spec.train.epochs} epochs; nothing "
+            "was trained or registered. Use a new name, or raise train.epochs to continue it"
+        )
     connect(settings)
     check_capacity(_worker_resources(spec), spec.scaling.workers, streams_data=not spec.cache_data)
     dataset = open_dataset(spec.data, settings.s3)
@@ -268,14 +290,6 @@ def run_training(spec: TrainJobSpec, settings: PlatformSettings | None = None) -
     if result.checkpoint is None:
         tracking.finish_run(tracking_uri, run_id, "FAILED")
         raise TrainingError(f"training job {spec.name!r} finished without a checkpoint")
-    if not tracking.metric_steps(tracking_uri, run_id, "epoch"):
-        # Ray Train restored a run that had already done every epoch: registering its old
-        # weights again would only add a duplicate version.
-        tracking.finish_run(tracking_uri, run_id, "KILLED")
-        raise TrainingError(
-            f"job {spec.name!r} had already trained all {spec.train.epochs} epochs; nothing "
-            "was trained or registered. Use a new name, or raise train.epochs to continue it"
-        )
     with (
         stage("testing on the test split and registering"),
         result.checkpoint.as_directory() as directory,
