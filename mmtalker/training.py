@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from collections.abc import Sequence as Seq
 from contextlib import nullcontext
 from functools import partial
 from typing import Any, Literal
@@ -23,7 +22,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from mmtalker.checkpoint import build_model
 from mmtalker.data.augment import AugmentConfig
-from mmtalker.data.batch import Batch, collate
+from mmtalker.data.batch import Batch, collate, length_batches
 from mmtalker.data.sequence import Sequence
 from mmtalker.data.shards import Dataset
 from mmtalker.errors import MMTalkerError
@@ -84,26 +83,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if precision == "bf16" else torch.float16
-
-
-def length_batches(
-    sequences: Seq[Sequence], batch_size: int, rng: np.random.Generator
-) -> Iterator[list[Sequence]]:
-    """Shuffled batches of similar length (little padding): sort within random pools."""
-    order = rng.permutation(len(sequences))
-    pool = batch_size * 8
-    groups = []
-    for start in range(0, len(order), pool):
-        chunk = [sequences[i] for i in order[start : start + pool]]
-        groups += similar_length_groups(chunk, batch_size)
-    for index in rng.permutation(len(groups)):
-        yield groups[index]
-
-
-def similar_length_groups(pool: Seq[Sequence], batch_size: int) -> list[list[Sequence]]:
-    """A pool of sequences sorted by length and cut into batches (the last may be short)."""
-    ordered = sorted(pool, key=lambda s: s.num_frames)
-    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
 def training_templates(dataset: Dataset) -> dict[str, np.ndarray]:

@@ -17,34 +17,7 @@ from mmtalker.training import (
     displacement_scale,
     evaluate,
     fit,
-    length_batches,
 )
-
-
-def test_collate_pads_crops_and_aligns(tiny_corpus: str) -> None:
-    ds = open_dataset(tiny_corpus)
-    seqs = list(ds.sequences("train"))[:3]
-    batch = collate(seqs, ds.templates, {"spk00": 0}, max_frames=20, rng=np.random.default_rng(0))
-    assert batch.displacements.shape[:2] == (3, 20)
-    assert (batch.frame_lengths == 20).all()
-    assert batch.audio.shape[1] == pytest.approx(20 * 16000 / 30, abs=2)
-    assert batch.speakers.tolist() == [0 if s.speaker == "spk00" else -1 for s in seqs]
-    whole = collate(seqs, ds.templates, {})
-    first = seqs[0]
-    np.testing.assert_allclose(
-        whole.displacements[0, : first.num_frames].numpy(),
-        first.vertices - ds.templates[first.speaker],
-        atol=1e-7,
-    )
-    assert whole.frame_mask()[0].sum() == first.num_frames
-
-
-def test_length_batches_cover_everything_once(tiny_corpus: str) -> None:
-    seqs = list(open_dataset(tiny_corpus).sequences("train"))
-    groups = list(length_batches(seqs, 4, np.random.default_rng(0)))
-    ids = sorted(s.sequence_id for g in groups for s in g)
-    assert ids == sorted(s.sequence_id for s in seqs)
-    assert all(len(g) <= 4 for g in groups)
 
 
 def test_precision_is_full_on_cpu() -> None:

@@ -18,11 +18,11 @@ import pyarrow as pa
 import ray.data
 
 from mmtalker import storage
+from mmtalker.data.batch import similar_length_groups
 from mmtalker.data.sequence import Sequence
 from mmtalker.data.shards import Dataset, table_to_sequences
 from mmtalker.errors import DatasetError
 from mmtalker.storage import S3Settings
-from mmtalker.training import similar_length_groups
 
 #: Rows per decode task: a few seconds of audio-mesh data each, small enough to stream.
 DECODE_BATCH_ROWS = 8
