@@ -71,7 +71,8 @@ class SpeechConfig(BaseModel):
     #: Light encoder: dilated blocks per level. Three help in short runs (5-minute bench runs:
     #: MMTalker lip sync 0.893 vs 0.865) but not MMTalker at 20 minutes (fewer steps; unseen
     #: engines' LVE +3-7%, inference 16% slower), while the FaceFormer-style baseline, which
-    #: reads only the deepest level, gains much (LVE 0.46 vs 0.68 ×1e-5 over three seeds).
+    #: reads only the deepest level, gains much (LVE 0.46 vs 0.68 ×1e-5 over three seeds), so
+    #: three are its default (``FaceFormerConfig``).
     blocks_per_level: int = Field(1, ge=1, le=8)
     #: Pretrained: longer audio runs in chunks of at most this, overlapping by 1 s.
     max_chunk_seconds: float = Field(20.0, ge=2 * CHUNK_OVERLAP_SECONDS)
