@@ -14,6 +14,9 @@ from torch import Tensor
 from mmtalker.data.augment import AugmentConfig, Crop, augment_audio, retime, speed_factor
 from mmtalker.data.sequence import Sequence
 
+#: Batches' worth of sequences sorted by length together before cutting batches.
+LENGTH_POOL_BATCHES = 8
+
 
 @dataclass
 class Batch:
@@ -104,7 +107,7 @@ def length_batches(
 ) -> Iterator[list[Sequence]]:
     """Shuffled batches of similar length (little padding): sort within random pools."""
     order = rng.permutation(len(sequences))
-    pool = batch_size * 8
+    pool = batch_size * LENGTH_POOL_BATCHES
     groups = []
     for start in range(0, len(order), pool):
         chunk = [sequences[i] for i in order[start : start + pool]]

@@ -18,7 +18,7 @@ import pyarrow as pa
 import ray.data
 
 from mmtalker import storage
-from mmtalker.data.batch import similar_length_groups
+from mmtalker.data.batch import LENGTH_POOL_BATCHES, similar_length_groups
 from mmtalker.data.sequence import Sequence
 from mmtalker.data.shards import Dataset, table_to_sequences
 from mmtalker.errors import DatasetError
@@ -26,8 +26,6 @@ from mmtalker.storage import S3Settings
 
 #: Rows per decode task: a few seconds of audio-mesh data each, small enough to stream.
 DECODE_BATCH_ROWS = 8
-#: Each worker sorts this many batches' worth of rows by length before cutting batches.
-LENGTH_POOL_BATCHES = 8
 
 
 def read_split(

@@ -27,7 +27,7 @@ from mmtalker.errors import MMTalkerError
 #: Run tag naming the job a run belongs to; a re-submitted job finds its run by it.
 JOB_TAG = "mmtalker.job"
 TRUNCATED = "...[truncated]"
-RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
+RunStatus = Literal["FINISHED", "FAILED"]
 
 
 class TrackingError(MMTalkerError):

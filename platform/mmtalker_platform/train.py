@@ -22,7 +22,6 @@ from typing import Any
 
 import click
 import numpy as np
-import pyarrow.fs as pafs
 import ray.train
 import ray.train.torch
 import torch
@@ -203,13 +202,12 @@ def _run_config(spec: TrainJobSpec, settings: PlatformSettings) -> ray.train.Run
 
 def _checkpointed_epochs(run_config: ray.train.RunConfig) -> int:
     """Epochs done by the job's latest checkpoint in its storage folder; 0 for a new job."""
-    filesystem = run_config.storage_filesystem
     folder = f"{run_config.storage_path}/{run_config.name}"
-    if filesystem.get_file_info(folder).type == pafs.FileType.NotFound:
-        return 0
     try:
-        result = ray.train.Result.from_path(folder, storage_filesystem=filesystem)
-    except RuntimeError:  # a folder without Ray Train's snapshot: nothing was checkpointed
+        result = ray.train.Result.from_path(
+            folder, storage_filesystem=run_config.storage_filesystem
+        )
+    except RuntimeError:  # no such folder, or no Ray Train snapshot in it: nothing checkpointed
         return 0
     return int((result.metrics or {}).get("epoch", 0))
 
