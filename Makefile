@@ -71,6 +71,7 @@ bench: setup
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/accuracy.py
 	$(BIN)/python bench/ceiling.py
+	$(BIN)/python bench/articulation.py --checkpoint $(WORK)/bench/accuracy/seed0/mmtalker
 	$(BIN)/python bench/multires.py
 	$(BIN)/python bench/arkit_recovery.py --data $(WORK)/datasets/ict-2500v \
 		--checkpoint $(WORK)/bench/multires/coarse

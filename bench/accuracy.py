@@ -3,6 +3,7 @@
 Usage: python bench/accuracy.py [--size bench|demo] [--face procedural|ict] [--data DIR]
                                 [--budget-minutes 20] [--seeds 0,1,2] [--validations 10] [--jobs 2]
                                 [--learning-rates mmtalker=0.005,faceformer=0.003]
+                                [--augment '{"noise_probability": 0.25}']
                                 [--out work/bench/accuracy] [--skip-train] [--no-proxies]
 
 Protocol (the same for both models; every shared piece of machinery serves both):
@@ -15,6 +16,8 @@ Protocol (the same for both models; every shared piece of machinery serves both)
   runs outside the budget, ten times (``TrainConfig.validations``), on the moving average of
   the weights (``TrainConfig.weight_average``), and the average with the best validation LVE is
   kept: model selection sees the val split only. The test split is scored once, at the end.
+* Both models train with the same audio augmentation: ``TrainConfig``'s default, or the
+  ``AugmentConfig`` fields ``--augment`` overrides (an ablation changes it for both).
 * Every seed trains MMTalker and the baseline side by side, one process and one CPU thread each
   (``--jobs 2``), so both see the same machine load; with ``--jobs 1`` they take turns.
 * The test split's speakers (voices and faces) and sentences are unseen in training. Besides it,
@@ -137,7 +140,7 @@ def degraded(sequences: list[Sequence]) -> list[Sequence]:
 
 def train_one(
     kind: str, seed: int, data: Path, budget_minutes: float, validations: int,
-    learning_rate: float, out: Path,
+    learning_rate: float, augment: AugmentConfig, out: Path,
 ) -> None:  # fmt: skip
     """Worker: train one model within the budget, keep the best on val, save it with history."""
     torch.set_num_threads(1)
@@ -146,7 +149,7 @@ def train_one(
     topology = attach_uv(dataset.topology, np.mean(list(templates.values()), axis=0))
     config = TrainConfig(
         epochs=EPOCHS, time_budget_s=budget_minutes * 60, validations=validations, device="cpu",
-        seed=seed, learning_rate=learning_rate,
+        seed=seed, learning_rate=learning_rate, augment=augment,
     )  # fmt: skip
     torch.manual_seed(seed)
     model = build_model(kind, {}, topology, templates)
@@ -176,6 +179,20 @@ def learning_rates(text: str) -> dict[str, float]:
     if set(rates) != set(KINDS) or min(rates.values()) <= 0:
         raise argparse.ArgumentTypeError(f"give a positive rate for each of {', '.join(KINDS)}")
     return rates
+
+
+def augment_overrides(text: str) -> AugmentConfig:
+    """``TrainConfig``'s augmentation with the fields of a JSON object replaced."""
+    try:
+        fields = json.loads(text)
+        if not isinstance(fields, dict):
+            raise ValueError("not a JSON object")
+        return AugmentConfig.model_validate({**TrainConfig().augment.model_dump(), **fields})
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object of AugmentConfig fields, got {text!r}: "
+            + " ".join(str(error).split())
+        ) from error
 
 
 def score_sets(
@@ -234,6 +251,12 @@ def main() -> None:
         default=LEARNING_RATES,
         help="peak learning rate per model, e.g. mmtalker=0.005,faceformer=0.003",
     )
+    parser.add_argument(
+        "--augment",
+        type=augment_overrides,
+        default=TrainConfig().augment,
+        help="AugmentConfig fields for both models, e.g. '{\"noise_probability\": 0.25}'",
+    )
     parser.add_argument("--out", default="work/bench/accuracy")
     parser.add_argument("--skip-train", action="store_true", help="score existing checkpoints")
     parser.add_argument(
@@ -248,7 +271,7 @@ def main() -> None:
         kind, seed = args.train_one[0], int(args.train_one[1])
         train_one(
             kind, seed, data, args.budget_minutes, args.validations,
-            args.learning_rates[kind], out / f"seed{seed}" / kind,
+            args.learning_rates[kind], args.augment, out / f"seed{seed}" / kind,
         )  # fmt: skip
         return
 
@@ -262,7 +285,8 @@ def main() -> None:
             [sys.executable, __file__, "--train-one", kind, str(seed), "--data", str(data),
              "--budget-minutes", str(args.budget_minutes), "--validations",
              str(args.validations), "--out", str(out), "--learning-rates",
-             ",".join(f"{k}={v}" for k, v in args.learning_rates.items())]
+             ",".join(f"{k}={v}" for k, v in args.learning_rates.items()),
+             "--augment", args.augment.model_dump_json()]
             for seed in seeds for kind in KINDS
         ]  # fmt: skip
         run_parallel(commands, args.jobs)
@@ -302,7 +326,7 @@ def main() -> None:
         f" test: {len(splits['test'].speakers)} unseen speakers, {len(test)} sequences; "
         f"{topology.num_vertices} vertices. Budget {args.budget_minutes:g} min of training per "
         f"model (peak learning rates {args.learning_rates}), seeds {seeds}, {args.jobs} side by "
-        f"side, load average at start {load:.1f}"
+        f"side, load average at start {load:.1f}; augmentation {args.augment.model_dump_json()}"
     )
     header = f"{'model':<11}{'seed':>5}" + "".join(f"{label:>11}" for _, label, _ in COLUMNS)
     print("\ntest split\n" + header + "".join(f"{r[4:]:>11}" for r in REGIONS) + f"{'steps':>7}")
@@ -388,7 +412,7 @@ def main() -> None:
     report = {
         "corpus": str(data), "size": args.size, "face": args.face,
         "budget_minutes": args.budget_minutes, "seeds": seeds, "jobs": args.jobs,
-        "learning_rates": args.learning_rates,
+        "learning_rates": args.learning_rates, "augment": args.augment.model_dump(),
         "load_average_at_start": load, "num_vertices": topology.num_vertices,
         "note": "metrics unscaled: metres (lve_l2, eve_l2, mve*), m² (lve, eve, fdd)",
         "static": results["static"], "static_fdd_by_speaker": static_fdd, "runs": runs,

@@ -16,13 +16,17 @@ beside it. No training; a few seconds of speech synthesis per speaker.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from typing import cast
 
 import numpy as np
 
 from mmtalker.data import motion
+from mmtalker.data.corpus_face import SpeakerFace
+from mmtalker.data.espeak import Utterance
 from mmtalker.data.synth import (
     Size,
+    Speaker,
     SynthConfig,
     Voices,
     assign_sentences,
@@ -36,6 +40,29 @@ from mmtalker.eval.metrics import MetricAccumulator, fdd_sequence
 ROWS = (("lve", 1e5), ("eve", 1e5), ("mve", 1e3), ("fdd", 1e7), ("fdd_abs", 1e7), ("lip_sync", 1))
 
 
+def spoken_split(
+    config: SynthConfig, split: str, per_speaker: int | None = None
+) -> Iterator[tuple[Speaker, SpeakerFace, Utterance, np.ndarray]]:
+    """The corpus's ``split`` sentences as synthesised: speaker, face, utterance and channel
+    curves (frames, len(CHANNELS)); at most ``per_speaker`` sentences per speaker."""
+    sentences = load_sentences(config.text_file)
+    speakers = make_speakers(config)
+    plan = assign_sentences(config, speakers, len(sentences))
+    face = corpus_face(config)
+    voices = Voices(config.sample_rate)
+    for index, speaker in enumerate(speakers):
+        if speaker.split != split:
+            continue
+        speaker_face = face.speaker(
+            speaker.shape, np.asarray(speaker.identity) if speaker.identity else None
+        )
+        planned = plan[speaker.id][:per_speaker]
+        for _, utterance, curves in spoken_curves(
+            config, speaker, index, planned, sentences, voices
+        ):
+            yield speaker, speaker_face, utterance, curves
+
+
 def main() -> None:
     """Score the timing-exact, mean-style predictor and the static face on one split."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -44,31 +71,21 @@ def main() -> None:
     parser.add_argument("--split", default="test", choices=["val", "test"])
     args = parser.parse_args()
     config = SynthConfig.preset(cast(Size, args.size), face=args.face)
-    sentences = load_sentences(config.text_file)
-    speakers = make_speakers(config)
-    plan = assign_sentences(config, speakers, len(sentences))
-    face = corpus_face(config)
-    voices = Voices(config.sample_rate)
-    scores = {name: MetricAccumulator.for_topology(face.topology) for name in ("static", "mean")}
+    topology = corpus_face(config).topology
+    scores = {name: MetricAccumulator.for_topology(topology) for name in ("static", "mean")}
     per_speaker: dict[str, list[float]] = {}
-    for index, speaker in enumerate(speakers):
-        if speaker.split != args.split:
-            continue
-        speaker_face = face.speaker(
-            speaker.shape, np.asarray(speaker.identity) if speaker.identity else None
-        )
+    brow_gains: dict[str, float] = {}
+    for speaker, speaker_face, _, curves in spoken_split(config, args.split):
         gains = np.array([speaker.style.gains[name] for name in motion.CHANNELS])
         neutral = speaker_face.neutral
-        for _, _, curves in spoken_curves(
-            config, speaker, index, plan[speaker.id], sentences, voices
-        ):
-            truth = speaker_face.frames(curves)[0]
-            mean_style = speaker_face.frames(curves / gains)[0]
-            scores["mean"].add(mean_style, truth, neutral)
-            scores["static"].add(np.broadcast_to(neutral, truth.shape), truth, neutral)
-            per_speaker.setdefault(speaker.id, []).append(
-                fdd_sequence(mean_style, truth, neutral, face.topology.region("upper_face"))
-            )
+        truth = speaker_face.frames(curves)[0]
+        mean_style = speaker_face.frames(curves / gains)[0]
+        scores["mean"].add(mean_style, truth, neutral)
+        scores["static"].add(np.broadcast_to(neutral, truth.shape), truth, neutral)
+        per_speaker.setdefault(speaker.id, []).append(
+            fdd_sequence(mean_style, truth, neutral, topology.region("upper_face"))
+        )
+        brow_gains[speaker.id] = speaker.style.gains["brow_raise"]
     results = {name: acc.result().as_dict() for name, acc in scores.items()}
     print(f"{config.face} {args.size} corpus, {args.split} split, {len(per_speaker)} speakers")
     print("predictor                    " + " ".join(f"{key:>9s}" for key, _ in ROWS))
@@ -76,12 +93,11 @@ def main() -> None:
         values = " ".join(f"{results[name][key] * scale:9.3f}" for key, scale in ROWS)
         print(f"{label:28s} {values}")
     print("units: LVE, EVE x1e-5; MVE mm; FDD, |FDD| x1e-7 (per-sequence |FDD| mean)")
-    for speaker in speakers:
-        if speaker.id in per_speaker:
-            print(
-                f"  {speaker.id}: brow gain {speaker.style.gains['brow_raise']:.2f}, "
-                f"FDD of the mean-style predictor {np.mean(per_speaker[speaker.id]) * 1e7:+.2f}"
-            )
+    for speaker_id, values in per_speaker.items():
+        print(
+            f"  {speaker_id}: brow gain {brow_gains[speaker_id]:.2f}, "
+            f"FDD of the mean-style predictor {np.mean(values) * 1e7:+.2f}"
+        )
 
 
 if __name__ == "__main__":
