@@ -25,6 +25,7 @@ from ceiling import spoken_split
 from mmtalker.checkpoint import load_checkpoint
 from mmtalker.data import motion
 from mmtalker.data.synth import Size, SynthConfig
+from mmtalker.errors import MMTalkerError
 
 
 def main() -> None:
@@ -36,12 +37,21 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=40, help="per speaker")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model = load_checkpoint(args.checkpoint).model.eval()
+    try:
+        model = load_checkpoint(args.checkpoint).model.eval()
+    except MMTalkerError as error:
+        raise SystemExit(f"error: {error}") from None
     config = SynthConfig.preset(cast(Size, args.size), face="procedural")
     channels = np.eye(len(motion.CHANNELS))
     truths, predicted = [], []
     index = {name: i for i, name in enumerate(model.speakers)}
     for speaker, face, utterance, curves in spoken_split(config, args.split, args.sentences):
+        if len(face.neutral) != model.topology.num_vertices:
+            raise SystemExit(
+                f"error: {args.checkpoint} animates {model.topology.num_vertices} vertices, the "
+                f"procedural {args.size} corpus {len(face.neutral)}: pass a checkpoint trained "
+                "on a procedural corpus, and that corpus's --size"
+            )
         shapes = (face.frames(channels)[0] - face.neutral).reshape(len(channels), -1)
         with torch.no_grad():
             displacements = model.predict(
