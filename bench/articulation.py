@@ -24,7 +24,7 @@ from ceiling import spoken_split
 
 from mmtalker.checkpoint import load_checkpoint
 from mmtalker.data import motion
-from mmtalker.data.synth import Size, SynthConfig
+from mmtalker.data.synth import Size, SynthConfig, corpus_face
 from mmtalker.errors import MMTalkerError
 
 
@@ -45,7 +45,9 @@ def main() -> None:
     channels = np.eye(len(motion.CHANNELS))
     truths, predicted = [], []
     index = {name: i for i, name in enumerate(model.speakers)}
-    for speaker, face, utterance, curves in spoken_split(config, args.split, args.sentences):
+    for speaker, face, utterance, curves in spoken_split(
+        config, corpus_face(config), args.split, args.sentences
+    ):
         if len(face.neutral) != model.topology.num_vertices:
             raise SystemExit(
                 f"error: {args.checkpoint} animates {model.topology.num_vertices} vertices, the "

@@ -22,7 +22,7 @@ from typing import cast
 import numpy as np
 
 from mmtalker.data import motion
-from mmtalker.data.corpus_face import SpeakerFace
+from mmtalker.data.corpus_face import CorpusFace, SpeakerFace
 from mmtalker.data.espeak import Utterance
 from mmtalker.data.synth import (
     Size,
@@ -41,14 +41,14 @@ ROWS = (("lve", 1e5), ("eve", 1e5), ("mve", 1e3), ("fdd", 1e7), ("fdd_abs", 1e7)
 
 
 def spoken_split(
-    config: SynthConfig, split: str, per_speaker: int | None = None
+    config: SynthConfig, face: CorpusFace, split: str, per_speaker: int | None = None
 ) -> Iterator[tuple[Speaker, SpeakerFace, Utterance, np.ndarray]]:
-    """The corpus's ``split`` sentences as synthesised: speaker, face, utterance and channel
-    curves (frames, len(CHANNELS)); at most ``per_speaker`` sentences per speaker."""
+    """The corpus's ``split`` sentences as synthesised on ``face`` (``corpus_face(config)``):
+    speaker, their face, utterance and channel curves (frames, len(CHANNELS)); at most
+    ``per_speaker`` sentences per speaker."""
     sentences = load_sentences(config.text_file)
     speakers = make_speakers(config)
     plan = assign_sentences(config, speakers, len(sentences))
-    face = corpus_face(config)
     voices = Voices(config.sample_rate)
     for index, speaker in enumerate(speakers):
         if speaker.split != split:
@@ -71,11 +71,12 @@ def main() -> None:
     parser.add_argument("--split", default="test", choices=["val", "test"])
     args = parser.parse_args()
     config = SynthConfig.preset(cast(Size, args.size), face=args.face)
-    topology = corpus_face(config).topology
+    face = corpus_face(config)
+    topology = face.topology
     scores = {name: MetricAccumulator.for_topology(topology) for name in ("static", "mean")}
     per_speaker: dict[str, list[float]] = {}
     brow_gains: dict[str, float] = {}
-    for speaker, speaker_face, _, curves in spoken_split(config, args.split):
+    for speaker, speaker_face, _, curves in spoken_split(config, face, args.split):
         gains = np.array([speaker.style.gains[name] for name in motion.CHANNELS])
         neutral = speaker_face.neutral
         truth = speaker_face.frames(curves)[0]
