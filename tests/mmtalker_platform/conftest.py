@@ -19,6 +19,7 @@ import torch
 from mmtalker.checkpoint import save_checkpoint
 from mmtalker.nn.mmtalker import MMTalker
 from mmtalker.storage import S3Settings
+from mmtalker_platform.settings import PlatformSettings
 from mmtalker_platform.tracking import prepare_tracking
 
 if TYPE_CHECKING:
@@ -128,12 +129,21 @@ def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def tracking_uri(mlflow_template: Path, tmp_path: Path) -> str:
-    """An empty MLflow store of this test's own: a copy of the template database."""
-    database = tmp_path / "mlflow" / "mlflow.db"
-    database.parent.mkdir()
-    shutil.copyfile(mlflow_template, database)
-    return f"sqlite:///{database}"
+def work_dir(mlflow_template: Path, tmp_path: Path) -> Path:
+    """This test's platform work folder (``tmp_path / "work"``), its MLflow store already made.
+
+    Every training job would otherwise spend its first seconds making the schema.
+    """
+    work = tmp_path / "work"
+    (work / "mlflow").mkdir(parents=True)
+    shutil.copyfile(mlflow_template, work / "mlflow" / "mlflow.db")
+    return work
+
+
+@pytest.fixture
+def tracking_uri(work_dir: Path) -> str:
+    """An empty MLflow store of this test's own: the one in ``work_dir``."""
+    return PlatformSettings(work_dir=work_dir).tracking_uri
 
 
 @pytest.fixture

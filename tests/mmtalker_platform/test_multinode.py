@@ -33,7 +33,7 @@ def two_nodes(aws_environment: dict[str, str]) -> Iterator[Cluster]:
 
 
 def test_training_spans_two_nodes_with_s3_checkpoints(
-    two_nodes: Cluster, tiny_corpus_s3: str, s3_endpoint: str, tmp_path: Path,
+    two_nodes: Cluster, tiny_corpus_s3: str, s3_endpoint: str, work_dir: Path,
     small_job: dict[str, Any],
 ) -> None:  # fmt: skip
     bucket = f"runs-{uuid.uuid4().hex[:8]}"
@@ -51,7 +51,7 @@ def test_training_spans_two_nodes_with_s3_checkpoints(
             "checkpoint": {"storage": f"s3://{bucket}/runs"},
         }
     )
-    outcome = run_training(spec, PlatformSettings(work_dir=tmp_path / "work"))
+    outcome = run_training(spec, PlatformSettings(work_dir=work_dir))
     assert outcome.epochs == 1 and outcome.version.version == 1
     workers = list_actors(
         address=two_nodes.address, filters=[("class_name", "=", "RayTrainWorker")], detail=True

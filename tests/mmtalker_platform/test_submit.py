@@ -74,13 +74,15 @@ def head_node(aws_environment: dict[str, str], ports: Callable[[], int]) -> Iter
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _write_spec(project: Path, job: dict[str, Any], name: str, data: str) -> Path:
+def _write_spec(
+    project: Path, job: dict[str, Any], name: str, data: str, tracking_uri: str
+) -> Path:
     spec = {
         **job,
         "name": name,
         "data": data,
         "checkpoint": {"storage": str(project / "runs")},
-        "mlflow": {"tracking_uri": f"sqlite:///{project / 'mlflow.db'}"},
+        "mlflow": {"tracking_uri": tracking_uri},
     }
     project.mkdir(parents=True, exist_ok=True)
     path = project / "jobs" / "train.yaml"
@@ -100,35 +102,35 @@ def _submit(project: Path, url: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_submit_runs_the_spec_on_the_cluster(
-    head_node: str, tiny_corpus: str, tmp_path: Path, small_job: dict[str, Any]
+    head_node: str, tiny_corpus: str, tmp_path: Path, tracking_uri: str, small_job: dict[str, Any]
 ) -> None:
     project = tmp_path / "project"
-    _write_spec(project, small_job, "submitted", str(Path(tiny_corpus).resolve()))
+    _write_spec(project, small_job, "submitted", str(Path(tiny_corpus).resolve()), tracking_uri)
     done = _submit(project, head_node)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "submitted submitted-" in done.stdout and "SUCCEEDED" in done.stdout
     assert "registered mmtalker version 1" in done.stdout  # the job's own log, streamed back
-    version = registry.show(f"sqlite:///{project / 'mlflow.db'}", "mmtalker@champion")
+    version = registry.show(tracking_uri, "mmtalker@champion")
     assert version.version == 1 and version.metrics["lve"] > 0
 
 
 def test_a_failing_job_exits_non_zero_with_its_status(
-    head_node: str, tmp_path: Path, small_job: dict[str, Any]
+    head_node: str, tmp_path: Path, tracking_uri: str, small_job: dict[str, Any]
 ) -> None:
     project = tmp_path / "project"
-    _write_spec(project, small_job, "broken", str(tmp_path / "no-such-dataset"))
+    _write_spec(project, small_job, "broken", str(tmp_path / "no-such-dataset"), tracking_uri)
     done = _submit(project, head_node)
     assert done.returncode == 1
     assert "ended FAILED" in done.stderr and "no-such-dataset" in done.stdout
 
 
 def test_ray_job_submit_never_leaves_results_in_the_unpacked_working_dir(
-    head_node: str, tiny_corpus: str, tmp_path: Path, small_job: dict[str, Any]
+    head_node: str, tiny_corpus: str, tmp_path: Path, work_dir: Path, small_job: dict[str, Any]
 ) -> None:
     """As README documents it: the default spec with only the data changed. The job runs in
     Ray's temporary copy of the project, so the relative default work folder is refused until
     MMTALKER_WORK_DIR names a lasting one; then the user's `mmtalker models list` sees it."""
-    project = tmp_path / "project"
+    project = work_dir.parent  # the work folder is the project's default one, "work"
     spec = {**small_job, "name": "raw", "data": str(Path(tiny_corpus).resolve())}
     (project / "jobs").mkdir(parents=True)
     (project / "jobs" / "train.yaml").write_text(yaml.safe_dump(spec))
@@ -140,13 +142,13 @@ def test_ray_job_submit_never_leaves_results_in_the_unpacked_working_dir(
     assert "error: MMTALKER_WORK_DIR is 'work', relative to Ray's temporary copy" in refused.stdout
     assert "env_vars" in refused.stdout
 
-    work = project / "work"
-    env = json.dumps({"env_vars": {"MMTALKER_WORK_DIR": str(work)}})
+    env = json.dumps({"env_vars": {"MMTALKER_WORK_DIR": str(work_dir)}})
     done = _run(project, *raw, "--runtime-env-json", env, *entrypoint)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert list(work.glob("ray_results/raw/checkpoint_*/model/model.safetensors"))
+    assert list(work_dir.glob("ray_results/raw/checkpoint_*/model/model.safetensors"))
     # The job's log is a short story; Ray's own logs are in a file it names.
-    assert "epoch 1/1: train loss" in done.stdout and f"logs         {work}/logs/" in done.stdout
+    assert "epoch 1/1: train loss" in done.stdout
+    assert f"logs         {work_dir}/logs/" in done.stdout
     assert "TrainController" not in done.stdout and "Execution plan" not in done.stdout
     listed = _run(project, str(BIN / "mmtalker"), "models", "list")
     assert listed.stdout.splitlines()[1].split()[:3] == ["mmtalker", "1", "candidate,champion"]

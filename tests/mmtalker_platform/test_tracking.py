@@ -23,8 +23,9 @@ from mmtalker_platform.tracking import (
 
 
 def test_prepare_tracking_creates_the_store_and_keeps_artifacts_beside_it(
-    mlflow_template: Path, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+    mlflow_template: Path, tracking_uri: str, work_dir: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
     template = MlflowClient(f"sqlite:///{mlflow_template}").get_experiment_by_name("template")
     assert template is not None
     assert template.artifact_location == str(mlflow_template.parent / "artifacts")
@@ -36,7 +37,7 @@ def test_prepare_tracking_creates_the_store_and_keeps_artifacts_beside_it(
     (tmp_path / "files").mkdir()
     (tmp_path / "files" / "a.txt").write_text("a")
     log_artifacts(tracking_uri, run_id, tmp_path / "files", "out")
-    stored = tmp_path / "mlflow" / "artifacts" / run_id / "artifacts" / "out" / "a.txt"
+    stored = work_dir / "mlflow" / "artifacts" / run_id / "artifacts" / "out" / "a.txt"
     assert stored.read_text() == "a"
     assert not (tmp_path / "mlruns").exists()
 

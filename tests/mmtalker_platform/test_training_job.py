@@ -41,18 +41,15 @@ def _spec(job: dict[str, Any], name: str, data: str, storage: Path, epochs: int)
     )
 
 
-def _settings(tmp_path: Path) -> PlatformSettings:
-    return PlatformSettings(work_dir=tmp_path / "work")
-
-
 def test_two_workers_train_track_and_register(
     local_ray: None,
     tiny_corpus_s3: str,
     tmp_path: Path,
+    work_dir: Path,
     small_job: dict[str, Any],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    settings = _settings(tmp_path)
+    settings = PlatformSettings(work_dir=work_dir)
     spec = _spec(small_job, "two-workers", tiny_corpus_s3, tmp_path / "runs", 2)
     env = {"env_vars": {**SECRETS, "AWS_REGION": "us-east-1"}}
     spec = spec.model_copy(update={"ray": RaySpec(runtime_env=env)})
@@ -76,7 +73,7 @@ def test_two_workers_train_track_and_register(
     env_vars = "ray.runtime_env.env_vars"
     assert run.data.params[f"{env_vars}.AWS_SECRET_ACCESS_KEY"] == REDACTED
     assert run.data.params[f"{env_vars}.AWS_REGION"] == "us-east-1"
-    _assert_no_secret_in(tmp_path / "work" / "mlflow")  # database, params, tags, artifacts
+    _assert_no_secret_in(work_dir / "mlflow")  # database, params, tags, artifacts
     history = client.get_metric_history(outcome.run_id, "val_lve")
     assert [m.step for m in history] == [1, 2]
     assert "test_lve" in run.data.metrics
@@ -144,8 +141,9 @@ def _kill_a_worker_mid_run(storage: Path, done: threading.Event, earlier: set[st
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(
-    local_ray: None, tiny_corpus_s3: str, tmp_path: Path, small_job: dict[str, Any]
-) -> None:
+    local_ray: None, tiny_corpus_s3: str, tmp_path: Path, work_dir: Path,
+    small_job: dict[str, Any],
+) -> None:  # fmt: skip
     storage = tmp_path / "runs"
     done = threading.Event()
     outcome: list[TrainingOutcome] = []
@@ -154,7 +152,8 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(
         try:
             outcome.append(
                 run_training(
-                    _spec(small_job, "killed", tiny_corpus_s3, storage, 8), _settings(tmp_path)
+                    _spec(small_job, "killed", tiny_corpus_s3, storage, 8),
+                    PlatformSettings(work_dir=work_dir),
                 )
             )
         finally:
