@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch_geometric.nn.conv.gcn_conv import gcn_norm
 
 
 def mesh_edges(faces: np.ndarray) -> np.ndarray:
@@ -80,6 +79,11 @@ class GraphConvolution(nn.Module):
 
 def normalized_adjacency(edges: np.ndarray, num_nodes: int) -> tuple[Tensor, Tensor]:
     """Â of a graph as coalesced COO (indices (2, nnz) as (row, column), values (nnz,))."""
+    # Imported here, not with the module: torch-geometric's package import costs ~6 s of CPU
+    # (it loads torch._dynamo and transformers), which every process that merely imports the
+    # model classes (the CLI, Ray Data tasks, Ray Train's controller) would pay.
+    from torch_geometric.nn.conv.gcn_conv import gcn_norm
+
     index, weight = gcn_norm(torch.as_tensor(edges), None, num_nodes)
     # gcn_norm's edges run source → target; Â's row is the target that aggregates.
     adjacency = torch.sparse_coo_tensor(
