@@ -38,7 +38,8 @@ import numpy as np
 import ray
 import torch
 
-from mmtalker.data.batch import collate, length_batches
+from mmtalker.data.batch import collate
+from mmtalker.data.grouping import length_batches
 from mmtalker.data.shards import MANIFEST, open_dataset
 from mmtalker.data.synth import SynthConfig, synthesize_corpus
 from mmtalker.training import (

@@ -22,7 +22,8 @@ from torch.optim.swa_utils import AveragedModel
 
 from mmtalker.checkpoint import build_model
 from mmtalker.data.augment import AugmentConfig
-from mmtalker.data.batch import Batch, collate, length_batches
+from mmtalker.data.batch import Batch, collate
+from mmtalker.data.grouping import length_batches
 from mmtalker.data.sequence import Sequence
 from mmtalker.data.shards import Dataset
 from mmtalker.errors import MMTalkerError

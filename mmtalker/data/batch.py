@@ -1,9 +1,9 @@
-"""Padded tensor batches of sequences (the unit every model trains on), grouped by length."""
+"""Padded tensor batches of sequences (the unit every model trains on)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, fields
 
@@ -13,9 +13,6 @@ from torch import Tensor
 
 from mmtalker.data.augment import AugmentConfig, Crop, augment_audio, retime, speed_factor
 from mmtalker.data.sequence import Sequence
-
-#: Batches' worth of sequences sorted by length together before cutting batches.
-LENGTH_POOL_BATCHES = 8
 
 
 @dataclass
@@ -100,23 +97,3 @@ def collate(
         templates=torch.from_numpy(tmpl),
         speakers=torch.tensor([speaker_index.get(seq.speaker, -1) for seq, _, _ in crops]),
     )
-
-
-def length_batches(
-    sequences: Seq[Sequence], batch_size: int, rng: np.random.Generator
-) -> Iterator[list[Sequence]]:
-    """Shuffled batches of similar length (little padding): sort within random pools."""
-    order = rng.permutation(len(sequences))
-    pool = batch_size * LENGTH_POOL_BATCHES
-    groups = []
-    for start in range(0, len(order), pool):
-        chunk = [sequences[i] for i in order[start : start + pool]]
-        groups += similar_length_groups(chunk, batch_size)
-    for index in rng.permutation(len(groups)):
-        yield groups[index]
-
-
-def similar_length_groups(pool: Seq[Sequence], batch_size: int) -> list[list[Sequence]]:
-    """A pool of sequences sorted by length and cut into batches (the last may be short)."""
-    ordered = sorted(pool, key=lambda s: s.num_frames)
-    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]

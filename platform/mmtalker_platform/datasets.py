@@ -18,7 +18,7 @@ import pyarrow as pa
 import ray.data
 
 from mmtalker import storage
-from mmtalker.data.batch import LENGTH_POOL_BATCHES, similar_length_groups
+from mmtalker.data.grouping import LENGTH_POOL_BATCHES, similar_length_groups
 from mmtalker.data.sequence import Sequence
 from mmtalker.data.shards import Dataset, table_to_sequences
 from mmtalker.errors import DatasetError

@@ -1,9 +1,9 @@
-"""Batches: padding, cropping and alignment; similar-length grouping."""
+"""Batches: padding, cropping and alignment."""
 
 import numpy as np
 import pytest
 
-from mmtalker.data.batch import collate, length_batches
+from mmtalker.data.batch import collate
 from mmtalker.data.shards import open_dataset
 
 
@@ -23,11 +23,3 @@ def test_collate_pads_crops_and_aligns(tiny_corpus: str) -> None:
         atol=1e-7,
     )
     assert whole.frame_mask()[0].sum() == first.num_frames
-
-
-def test_length_batches_cover_everything_once(tiny_corpus: str) -> None:
-    seqs = list(open_dataset(tiny_corpus).sequences("train"))
-    groups = list(length_batches(seqs, 4, np.random.default_rng(0)))
-    ids = sorted(s.sequence_id for g in groups for s in g)
-    assert ids == sorted(s.sequence_id for s in seqs)
-    assert all(len(g) <= 4 for g in groups)
