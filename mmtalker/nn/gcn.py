@@ -81,7 +81,7 @@ def normalized_adjacency(edges: np.ndarray, num_nodes: int) -> tuple[Tensor, Ten
     """Â of a graph as coalesced COO (indices (2, nnz) as (row, column), values (nnz,))."""
     # Imported here, not with the module: torch-geometric's package import costs ~6 s of CPU
     # (it loads torch._dynamo and transformers), which every process that merely imports the
-    # model classes (the CLI, Ray Data tasks, Ray Train's controller) would pay.
+    # model classes (the CLI, Ray Train's controller, a job's driver before it tests) would pay.
     from torch_geometric.nn.conv.gcn_conv import gcn_norm
 
     index, weight = gcn_norm(torch.as_tensor(edges), None, num_nodes)
