@@ -24,7 +24,7 @@ from mmtalker.checkpoint import build_model
 from mmtalker.data.augment import AugmentConfig
 from mmtalker.data.batch import Batch, collate
 from mmtalker.data.grouping import length_batches
-from mmtalker.data.sequence import Sequence
+from mmtalker.data.sequence import Sequence, displacement_squares
 from mmtalker.data.shards import Dataset
 from mmtalker.errors import MMTalkerError
 from mmtalker.eval.metrics import MetricAccumulator, Metrics
@@ -108,9 +108,8 @@ def displacement_scale(sequences: Iterable[Sequence], templates: dict[str, np.nd
     """Root-mean-square displacement from the neutral face over the given sequences."""
     total, count = 0.0, 0
     for seq in sequences:
-        disp = seq.vertices - templates[seq.speaker][None]
-        total += float(np.square(disp, dtype=np.float64).sum())
-        count += disp.size
+        squares, values = displacement_squares(seq.vertices, templates[seq.speaker])
+        total, count = total + squares, count + values
     return math.sqrt(total / max(count, 1)) or 1.0
 
 

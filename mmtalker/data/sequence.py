@@ -214,3 +214,10 @@ class Sequence:
     def duration(self) -> float:
         """Audio length in seconds."""
         return self.audio.size / self.sample_rate
+
+
+def displacement_squares(vertices: np.ndarray, template: np.ndarray) -> tuple[float, int]:
+    """Sum of squared displacements of frames (T, V, 3) from a template (V, 3), and how many
+    values it sums: the parts of a root-mean-square displacement that add across sequences."""
+    disp = vertices - template[None]
+    return float(np.square(disp, dtype=np.float64).sum()), disp.size

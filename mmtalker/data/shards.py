@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -28,7 +29,7 @@ from pydantic import BaseModel, ValidationError
 
 import mmtalker
 from mmtalker import storage
-from mmtalker.data.sequence import Sequence, Topology
+from mmtalker.data.sequence import Sequence, Topology, displacement_squares
 from mmtalker.errors import DatasetError, MMTalkerError
 from mmtalker.storage import S3Settings
 
@@ -80,6 +81,10 @@ class SplitInfo(BaseModel):
     num_sequences: int
     num_frames: int
     audio_seconds: float
+    #: Root-mean-square displacement of the split's frames from their speakers' templates: the
+    #: unit models learn displacements in. Recorded while writing, so training need not read the
+    #: whole split to find it; None in datasets written before it was recorded.
+    displacement_rms: float | None = None
 
 
 class TopologyInfo(FileRef):
@@ -206,6 +211,8 @@ class _SplitBuffer:
     sequences: list[Sequence] = field(default_factory=list)
     nbytes: int = 0
     shards_written: int = 0
+    displacement_squares: float = 0.0
+    displacement_values: int = 0
 
 
 class DatasetWriter:
@@ -284,6 +291,9 @@ class DatasetWriter:
         buffer = self._buffers.setdefault(split, _SplitBuffer())
         buffer.sequences.append(sequence)
         buffer.nbytes += sequence.audio.nbytes + sequence.vertices.nbytes
+        squares, values = displacement_squares(sequence.vertices, self._templates[sequence.speaker])
+        buffer.displacement_squares += squares
+        buffer.displacement_values += values
         info = self._splits.setdefault(
             split,
             SplitInfo(speakers=[], sentences=[], num_sequences=0, num_frames=0, audio_seconds=0.0),
@@ -327,8 +337,11 @@ class DatasetWriter:
         """Flush remaining shards and write topology, templates and ``dataset.json``."""
         if self._closed:
             raise DatasetError("dataset writer is already closed")
-        for split in list(self._buffers):
+        for split, buffer in self._buffers.items():
             self._flush(split)
+            self._splits[split].displacement_rms = math.sqrt(
+                buffer.displacement_squares / buffer.displacement_values
+            )
         if not self._shards:
             raise DatasetError(f"no sequences were written to {self.uri}; nothing to finish")
         topo = self._topology.to_npz()

@@ -19,7 +19,7 @@ import ray.data
 
 from mmtalker import storage
 from mmtalker.data.grouping import LENGTH_POOL_BATCHES, similar_length_groups
-from mmtalker.data.sequence import Sequence
+from mmtalker.data.sequence import Sequence, displacement_squares
 from mmtalker.data.shards import Dataset, table_to_sequences
 from mmtalker.errors import DatasetError
 from mmtalker.storage import S3Settings
@@ -136,15 +136,25 @@ def _shuffled_groups(
         yield groups[index]
 
 
+def training_displacement_scale(
+    dataset: Dataset, data: ray.data.Dataset, templates: dict[str, np.ndarray]
+) -> float:
+    """The train split's RMS displacement: as the dataset recorded it when written, else
+    measured over ``data`` (the split) in one distributed pass."""
+    recorded = dataset.manifest.splits["train"].displacement_rms
+    if recorded is None:
+        return measure_displacement_scale(data, templates)
+    return recorded or 1.0
+
+
 def measure_displacement_scale(data: ray.data.Dataset, templates: dict[str, np.ndarray]) -> float:
     """RMS displacement from the neutral face over a split, in one distributed pass."""
 
     def sums(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         total, count = 0.0, 0
         for speaker, vertices in zip(rows["speaker"], rows["vertices"], strict=True):
-            disp = vertices - templates[str(speaker)][None]
-            total += float(np.square(disp, dtype=np.float64).sum())
-            count += disp.size
+            squares, values = displacement_squares(vertices, templates[str(speaker)])
+            total, count = total + squares, count + values
         return {"total": np.array([total]), "count": np.array([count])}
 
     # One small row per batch comes back to the driver; the frames themselves never do.

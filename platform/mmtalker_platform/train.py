@@ -41,7 +41,7 @@ from mmtalker.training import Trainer, evaluate, model_for_dataset, training_tem
 from mmtalker_platform import registry, tracking
 from mmtalker_platform.cluster import check_capacity, connect
 from mmtalker_platform.console import stage
-from mmtalker_platform.datasets import epoch_batches, measure_displacement_scale, read_split
+from mmtalker_platform.datasets import epoch_batches, read_split, training_displacement_scale
 from mmtalker_platform.redaction import redact
 from mmtalker_platform.registry import EvaluationSet, ModelVersionInfo
 from mmtalker_platform.settings import PlatformSettings
@@ -263,7 +263,7 @@ def run_training(spec: TrainJobSpec, settings: PlatformSettings | None = None) -
         tracking.log_artifacts(tracking_uri, run_id, directory, "job")
     with stage(f"reading the training split of {spec.data}"):
         train_data = read_split(dataset, "train", settings.s3, cache=spec.cache_data)
-        scale = measure_displacement_scale(train_data, training_templates(dataset))
+        scale = training_displacement_scale(dataset, train_data, training_templates(dataset))
     backend = "nccl" if spec.scaling.use_gpu else "gloo"
     trainer = ray.train.torch.TorchTrainer(
         train_loop,

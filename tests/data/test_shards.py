@@ -100,6 +100,15 @@ def test_manifest_records_counts_durations_and_checksums(tmp_path: Path) -> None
     assert total == pytest.approx(sum(5 + i for i in range(6)) * 533 / 16000)
 
 
+def test_manifest_records_each_splits_rms_displacement(tmp_path: Path) -> None:
+    written = _write(str(tmp_path / "ds"))
+    ds = open_dataset(str(tmp_path / "ds"))
+    for split, seqs in (("train", written[:4]), ("test", written[4:])):
+        disp = [s.vertices - ds.templates[s.speaker][None] for s in seqs]
+        rms = np.sqrt(np.mean(np.concatenate([d.ravel() for d in disp]).astype(np.float64) ** 2))
+        assert ds.manifest.splits[split].displacement_rms == pytest.approx(rms, rel=1e-9)
+
+
 def test_corrupted_shard_fails_verification(tmp_path: Path) -> None:
     _write(str(tmp_path / "ds"))
     shard = next((tmp_path / "ds").glob("train-*.parquet"))

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 from ray.data import DataIterator
 
 from mmtalker.data.sequence import Sequence
-from mmtalker.data.shards import open_dataset
+from mmtalker.data.shards import MANIFEST, open_dataset
 from mmtalker.storage import S3Settings
 from mmtalker.training import displacement_scale, training_templates
-from mmtalker_platform.datasets import epoch_batches, measure_displacement_scale, read_split
+from mmtalker_platform.datasets import epoch_batches, read_split, training_displacement_scale
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -55,9 +58,22 @@ def test_streaming_shares_give_equal_length_grouped_batches(
             assert max(lengths) - min(lengths) <= 0.5 * max(lengths)
 
 
-def test_displacement_scale_in_one_distributed_pass(local_ray: None, tiny_corpus: str) -> None:
+def test_displacement_scale_as_recorded_or_in_one_distributed_pass(
+    local_ray: None, tiny_corpus: str, tmp_path: Path
+) -> None:
     dataset = open_dataset(tiny_corpus)
     templates = training_templates(dataset)
-    measured = measure_displacement_scale(read_split(dataset, "train"), templates)
     expected = displacement_scale(dataset.sequences("train"), templates)
+    recorded = training_displacement_scale(dataset, read_split(dataset, "train"), templates)
+    assert recorded == pytest.approx(expected, rel=1e-6)
+    # A dataset written before the writer recorded the scale is measured instead.
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tiny_corpus, legacy)
+    manifest = json.loads((legacy / MANIFEST).read_text())
+    for split in manifest["splits"].values():
+        del split["displacement_rms"]
+    (legacy / MANIFEST).write_text(json.dumps(manifest))
+    old = open_dataset(str(legacy))
+    assert old.manifest.splits["train"].displacement_rms is None
+    measured = training_displacement_scale(old, read_split(old, "train"), templates)
     assert measured == pytest.approx(expected, rel=1e-6)
