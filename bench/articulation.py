@@ -9,7 +9,10 @@ model's predicted displacements are projected onto the speaker's shapes by least
 recovers the truth's own weights exactly, and each channel's predicted weights are compared with
 the truth's over the split's sentences (re-synthesised, so the corpus need not be on disk): the
 Pearson r, the slope of prediction on truth (below 1: the model hedges) and both spreads. Lip
-sync is lost where the mouth channels' r is low. A benchmark: it reports figures and never fails.
+sync is lost where the mouth channels' r is low; the last column says how much each channel's
+error adds to the error of the mouth opening that the lip-sync metric correlates (its covariance
+with that error over the error's variance: the shares sum to 1 with what no channel explains).
+A benchmark: it reports figures and never fails.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from mmtalker.checkpoint import load_checkpoint
 from mmtalker.data import motion
 from mmtalker.data.synth import Size, SynthConfig, corpus_face
 from mmtalker.errors import MMTalkerError
+from mmtalker.eval.metrics import mouth_opening
 
 
 def main() -> None:
@@ -43,7 +47,8 @@ def main() -> None:
         raise SystemExit(f"error: {error}") from None
     config = SynthConfig.preset(cast(Size, args.size), face="procedural")
     channels = np.eye(len(motion.CHANNELS))
-    truths, predicted = [], []
+    truths, predicted, openings, opening_errors = [], [], [], []
+    lips = model.topology.region("lips")
     index = {name: i for i, name in enumerate(model.speakers)}
     for speaker, face, utterance, curves in spoken_split(
         config, corpus_face(config), args.split, args.sentences
@@ -54,7 +59,8 @@ def main() -> None:
                 f"procedural {args.size} corpus {len(face.neutral)}: pass a checkpoint trained "
                 "on a procedural corpus, and that corpus's --size"
             )
-        shapes = (face.frames(channels)[0] - face.neutral).reshape(len(channels), -1)
+        posed = face.frames(channels)[0]
+        shapes = (posed - face.neutral).reshape(len(channels), -1)
         with torch.no_grad():
             displacements = model.predict(
                 torch.as_tensor(utterance.audio, dtype=torch.float32)[None],
@@ -65,14 +71,27 @@ def main() -> None:
         weights = np.linalg.lstsq(shapes.T, displacements.reshape(len(curves), -1).T, rcond=None)
         truths.append(curves)
         predicted.append(weights[0].T)
+        # The opening is linear in the displacements: each channel's weight moves it by the
+        # opening of that channel's shape.
+        openings.append(mouth_opening(posed, face.neutral, lips))
+        opening_errors.append(
+            mouth_opening(face.neutral + displacements, face.neutral, lips)
+            - mouth_opening(face.frames(curves)[0], face.neutral, lips)
+        )
     truth, prediction = np.concatenate(truths), np.concatenate(predicted)
+    opening_error = np.concatenate(opening_errors)
+    channel_errors = np.concatenate(
+        [(p - t) * a for t, p, a in zip(truths, predicted, openings, strict=True)]
+    )
     print(f"{args.checkpoint}: {args.split} split, {len(truth)} frames")
-    print(f"{'channel':<14}{'r':>7}{'slope':>7}{'true sd':>9}{'pred sd':>9}")
+    print(f"{'channel':<14}{'r':>7}{'slope':>7}{'true sd':>9}{'pred sd':>9}{'opening err':>13}")
     for k, name in enumerate(motion.CHANNELS):
         r = np.corrcoef(truth[:, k], prediction[:, k])[0, 1]
         slope = np.polyfit(truth[:, k], prediction[:, k], 1)[0]
+        share = np.cov(channel_errors[:, k], opening_error)[0, 1] / opening_error.var(ddof=1)
         print(
             f"{name:<14}{r:7.3f}{slope:7.2f}{truth[:, k].std():9.3f}{prediction[:, k].std():9.3f}"
+            f"{share:13.3f}"
         )
 
 
