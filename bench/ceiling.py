@@ -9,8 +9,11 @@ sentence but not the style, so its best prediction uses the population's mean ga
 benchmark scores that predictor (``timing-exact, mean style``): every sentence-level detail
 exact (even the random blinks), each channel divided by the speaker's gain. Its lip sync is the
 ceiling for the lip-sync metric, and its FDD shows how much of the signed split FDD comes from
-the test speakers' brow gains alone, per speaker and over the split. The static face is printed
-beside it. No training; a few seconds of speech synthesis per speaker.
+the test speakers' brow gains alone, per speaker and over the split. Each phoneme's viseme target
+also varies at random (``articulation_curves``' ``variability``) and no audio reveals that
+either: the third predictor (``... no token variation``) leaves it out of the speech channels,
+the best an audio model can do on the lips. The static face is printed beside them. No
+training; a few seconds of speech synthesis per speaker.
 """
 
 from __future__ import annotations
@@ -35,8 +38,14 @@ from mmtalker.data.synth import (
     make_speakers,
     spoken_curves,
 )
+from mmtalker.data.visemes import SPEECH_CHANNELS, articulation_curves
 from mmtalker.eval.metrics import MetricAccumulator, fdd_sequence
 
+PREDICTORS = {
+    "static face": "static",
+    "timing-exact, mean style": "mean",
+    "... no token variation": "heard",
+}
 ROWS = (("lve", 1e5), ("eve", 1e5), ("mve", 1e3), ("fdd", 1e7), ("fdd_abs", 1e7), ("lip_sync", 1))
 
 
@@ -64,7 +73,7 @@ def spoken_split(
 
 
 def main() -> None:
-    """Score the timing-exact, mean-style predictor and the static face on one split."""
+    """Score the timing-exact, mean-style predictors and the static face on one split."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="bench", choices=["demo", "bench"])
     parser.add_argument("--face", default="procedural", choices=["procedural", "ict"])
@@ -73,15 +82,20 @@ def main() -> None:
     config = SynthConfig.preset(cast(Size, args.size), face=args.face)
     face = corpus_face(config)
     topology = face.topology
-    scores = {name: MetricAccumulator.for_topology(topology) for name in ("static", "mean")}
+    scores = {name: MetricAccumulator.for_topology(topology) for name in PREDICTORS.values()}
     per_speaker: dict[str, list[float]] = {}
     brow_gains: dict[str, float] = {}
-    for speaker, speaker_face, _, curves in spoken_split(config, face, args.split):
+    for speaker, speaker_face, utterance, curves in spoken_split(config, face, args.split):
         gains = np.array([speaker.style.gains[name] for name in motion.CHANNELS])
         neutral = speaker_face.neutral
         truth = speaker_face.frames(curves)[0]
         mean_style = speaker_face.frames(curves / gains)[0]
         scores["mean"].add(mean_style, truth, neutral)
+        heard = curves / gains
+        heard[:, : len(SPEECH_CHANNELS)] = articulation_curves(
+            utterance.phonemes, np.arange(len(curves)) / config.fps, np.random.default_rng(0), 0.0
+        )
+        scores["heard"].add(speaker_face.frames(heard)[0], truth, neutral)
         scores["static"].add(np.broadcast_to(neutral, truth.shape), truth, neutral)
         per_speaker.setdefault(speaker.id, []).append(
             fdd_sequence(mean_style, truth, neutral, topology.region("upper_face"))
@@ -90,7 +104,7 @@ def main() -> None:
     results = {name: acc.result().as_dict() for name, acc in scores.items()}
     print(f"{config.face} {args.size} corpus, {args.split} split, {len(per_speaker)} speakers")
     print("predictor                    " + " ".join(f"{key:>9s}" for key, _ in ROWS))
-    for label, name in (("static face", "static"), ("timing-exact, mean style", "mean")):
+    for label, name in PREDICTORS.items():
         values = " ".join(f"{results[name][key] * scale:9.3f}" for key, scale in ROWS)
         print(f"{label:28s} {values}")
     print("units: LVE, EVE x1e-5; MVE mm; FDD, |FDD| x1e-7 (per-sequence |FDD| mean)")
