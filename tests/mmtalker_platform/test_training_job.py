@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import pytest
-import ray
-from ray.util.state import list_actors
 
 from mmtalker.data.shards import open_dataset
 from mmtalker_platform import registry
@@ -20,7 +14,7 @@ from mmtalker_platform.redaction import REDACTED
 from mmtalker_platform.registry import EvaluationSet
 from mmtalker_platform.settings import PlatformSettings
 from mmtalker_platform.spec import RaySpec, TrainJobSpec
-from mmtalker_platform.train import TrainingError, TrainingOutcome, run_training
+from mmtalker_platform.train import TrainingError, run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -109,61 +103,3 @@ def _assert_no_secret_in(folder: Path) -> None:
         content = path.read_bytes()
         for secret in SECRETS.values():
             assert secret.encode() not in content, f"{secret} in {path}"
-
-
-def _train_workers(state: str | None = None) -> dict[str, int]:
-    filters = [("class_name", "=", "RayTrainWorker")]
-    if state:
-        filters.append(("state", "=", state))
-    # This cluster's own address: other Ray instances on the machine make "auto" ambiguous.
-    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=filters)
-    return {actor.actor_id: actor.pid for actor in actors}
-
-
-def _kill_a_worker_mid_run(storage: Path, done: threading.Event, earlier: set[str]) -> list[int]:
-    """SIGKILL one of this run's training workers once a checkpoint is surely registered.
-
-    The worker is found first (the state API is slow under load), then killed the moment the
-    second checkpoint folder appears: a folder appears while it is uploaded, before Ray Train
-    records it, so the first is on record by then. Workers of earlier runs are left out:
-    their processes may live on as idle Ray workers.
-    """
-    pid = None
-    while not done.is_set():
-        if pid is None:
-            current = [p for a, p in _train_workers("ALIVE").items() if a not in earlier]
-            pid = max(current) if current else None
-        elif len(list(storage.glob("*/checkpoint_*"))) >= 2:
-            os.kill(pid, signal.SIGKILL)
-            return [pid]
-        time.sleep(0.05)
-    return []
-
-
-def test_a_killed_worker_resumes_from_the_last_checkpoint(
-    local_ray: None, tiny_corpus_s3: str, tmp_path: Path, work_dir: Path,
-    small_job: dict[str, Any],
-) -> None:  # fmt: skip
-    storage = tmp_path / "runs"
-    done = threading.Event()
-    outcome: list[TrainingOutcome] = []
-
-    def train() -> None:
-        try:
-            outcome.append(
-                run_training(
-                    _spec(small_job, "killed", tiny_corpus_s3, storage, 8),
-                    PlatformSettings(work_dir=work_dir),
-                )
-            )
-        finally:
-            done.set()
-
-    earlier = set(_train_workers())
-    thread = threading.Thread(target=train)
-    thread.start()
-    killed = _kill_a_worker_mid_run(storage, done, earlier)
-    thread.join()
-    assert killed, "the run ended before a worker could be killed"
-    assert outcome and outcome[0].epochs == 8
-    assert outcome[0].resumes == 1
