@@ -75,8 +75,7 @@ def main() -> None:
         # opening of that channel's shape.
         openings.append(mouth_opening(posed, face.neutral, lips))
         opening_errors.append(
-            mouth_opening(face.neutral + displacements, face.neutral, lips)
-            - mouth_opening(face.frames(curves)[0], face.neutral, lips)
+            mouth_opening(face.neutral + displacements, face.neutral, lips) - curves @ openings[-1]
         )
     truth, prediction = np.concatenate(truths), np.concatenate(predicted)
     opening_error = np.concatenate(opening_errors)

@@ -89,9 +89,10 @@ def main() -> None:
         gains = np.array([speaker.style.gains[name] for name in motion.CHANNELS])
         neutral = speaker_face.neutral
         truth = speaker_face.frames(curves)[0]
-        mean_style = speaker_face.frames(curves / gains)[0]
+        mean = curves / gains
+        mean_style = speaker_face.frames(mean)[0]
         scores["mean"].add(mean_style, truth, neutral)
-        heard = curves / gains
+        heard = mean.copy()
         heard[:, : len(SPEECH_CHANNELS)] = articulation_curves(
             utterance.phonemes, np.arange(len(curves)) / config.fps, np.random.default_rng(0), 0.0
         )
