@@ -143,7 +143,7 @@ def test_light_shapes(num_frames: int, batch: int) -> None:
 def test_light_odd_and_tiny_lengths(samples: int) -> None:
     audio = speechlike(samples / SR)
     assert audio.shape[1] == samples
-    out = light(levels=2)(audio, 5)
+    out = light(levels=2, n_mels=33)(audio, 5)
     assert [level.shape for level in out] == [(1, 5, 32)] * 2
     assert all(torch.isfinite(level).all() for level in out)
 
@@ -156,12 +156,13 @@ def test_light_is_deterministic() -> None:
         assert torch.equal(a, b)
 
 
-def test_light_padded_batch_matches_unpadded() -> None:
+@pytest.mark.parametrize("frequency_channels", [0, 8])
+def test_light_padded_batch_matches_unpadded(frequency_channels: int) -> None:
     short, long = speechlike(1.0, seed=1), speechlike(2.0, seed=2)
     # Garbage in the padding must not matter: only audio_lengths says what is speech.
     batch = torch.cat([torch.cat([short, torch.randn(1, SR)], dim=1), long])
     lengths = torch.tensor([SR, 2 * SR])
-    encoder = light()
+    encoder = light(frequency_channels=frequency_channels)
     together = encoder(batch, 60, audio_lengths=lengths)
     alone_short = encoder(short, 30)
     alone_long = encoder(long, 60)
@@ -224,8 +225,11 @@ def test_light_rejects_bad_inputs() -> None:
         encoder(torch.zeros(2, SR), 10, audio_lengths=torch.tensor([SR, SR + 1]))
 
 
-def test_light_trains_end_to_end() -> None:
-    encoder = light().train()
+@pytest.mark.parametrize("frequency_channels", [0, 4])
+def test_light_trains_end_to_end(frequency_channels: int) -> None:
+    encoder = light(frequency_channels=frequency_channels).train()
+    assert (encoder.frequency is None) == (frequency_channels == 0)
+    assert encoder.stem.in_channels == (frequency_channels * 32 or 64)
     sum(level.square().mean() for level in encoder(speechlike(1.0), 30)).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())
 
