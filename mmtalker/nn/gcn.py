@@ -57,7 +57,7 @@ def coarse_edges(edges: np.ndarray, assignment: np.ndarray) -> np.ndarray:
 class GraphConvolution(nn.Module):
     """Kipf–Welling graph convolution, Â·X·W + b, for a batch of signals on one fixed graph.
 
-    Â (torch-geometric's ``gcn_norm``: self-loops, symmetric degree normalisation) is applied as
+    Â (:func:`normalized_adjacency`: self-loops, symmetric degree normalisation) is applied as
     one sparse product with the batch folded into the feature axis; message passing over a
     (B, V, D) tensor gathers per edge and batch and was several times slower on CPU.
     """
@@ -78,18 +78,23 @@ class GraphConvolution(nn.Module):
 
 
 def normalized_adjacency(edges: np.ndarray, num_nodes: int) -> tuple[Tensor, Tensor]:
-    """Â of a graph as coalesced COO (indices (2, nnz) as (row, column), values (nnz,))."""
-    # Imported here, not with the module: torch-geometric's package import costs ~6 s of CPU
-    # (it loads torch._dynamo and transformers), which every process that merely imports the
-    # model classes (the CLI, Ray Train's controller, a job's driver before it tests) would pay.
-    from torch_geometric.nn.conv.gcn_conv import gcn_norm
+    """Â = D^-1/2 (A + I) D^-1/2 of a graph without self-loops, as coalesced COO.
 
-    index, weight = gcn_norm(torch.as_tensor(edges), None, num_nodes)
-    # gcn_norm's edges run source → target; Â's row is the target that aggregates.
+    ``edges`` (2, E) are unique source → target pairs; returns indices (2, nnz) as (row,
+    column), row the target that aggregates, and values (nnz,): torch-geometric's ``gcn_norm``
+    (tests check it), computed here because importing torch-geometric costs ~6 s of CPU in
+    every process that builds a model (Ray Train workers, serve replicas, batch workers).
+    """
+    nodes = np.arange(num_nodes)
+    targets = np.concatenate([edges[1], nodes])
+    sources = np.concatenate([edges[0], nodes])
+    scale = 1.0 / np.sqrt(np.bincount(targets, minlength=num_nodes).astype(np.float64))
     adjacency = torch.sparse_coo_tensor(
-        index.flip(0), weight, (num_nodes, num_nodes), check_invariants=True
-    )
-    adjacency = adjacency.coalesce()
+        torch.as_tensor(np.stack([targets, sources])),
+        torch.as_tensor((scale[targets] * scale[sources]).astype(np.float32)),
+        (num_nodes, num_nodes),
+        check_invariants=True,
+    ).coalesce()
     return adjacency.indices(), adjacency.values()
 
 

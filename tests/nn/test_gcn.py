@@ -1,13 +1,16 @@
 import numpy as np
 import torch
 from torch_geometric.nn import GCNConv
+from torch_geometric.nn.conv.gcn_conv import gcn_norm
 
 from mmtalker.nn.gcn import (
     GraphConvolution,
     MeshEncoder,
     cluster_mean,
+    coarse_edges,
     farthest_point_clusters,
     mesh_edges,
+    normalized_adjacency,
     pooling_matrix,
 )
 
@@ -28,6 +31,18 @@ def test_graph_convolution_matches_torch_geometric_gcnconv(small_face: tuple) ->
     (grad,) = torch.autograd.grad(got.square().sum(), x)
     (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_normalized_adjacency_is_torch_geometrics_gcn_norm(small_face: tuple) -> None:
+    _, topology = small_face
+    fine = mesh_edges(topology.faces)
+    coarse = coarse_edges(fine, farthest_point_clusters(topology.uv, 40))
+    for edges, nodes in ((fine, topology.num_vertices), (coarse, 40)):
+        index, weight = gcn_norm(torch.as_tensor(edges), None, nodes)
+        expected = torch.sparse_coo_tensor(index.flip(0), weight, (nodes, nodes)).coalesce()
+        indices, values = normalized_adjacency(edges, nodes)
+        torch.testing.assert_close(indices, expected.indices(), rtol=0, atol=0)
+        torch.testing.assert_close(values, expected.values())
 
 
 def test_mesh_encoder_runs_under_bf16_autocast(small_face: tuple) -> None:
