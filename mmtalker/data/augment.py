@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from scipy import fft, signal
+from scipy import fft
 
 
 class AugmentConfig(BaseModel):
@@ -146,7 +146,10 @@ def _reverberate(
     response = rng.standard_normal(length) * np.exp(-6.9 * t / rt60)
     response *= rng.uniform(0.3, 1.0) / np.sqrt(np.square(response).sum())
     response[0] = 1.0
-    wet = signal.fftconvolve(x, response)[: len(x)]
+    # The convolution by FFT here, not scipy.signal's: importing scipy.signal costs ~1 s in every
+    # process that loads a model, augmenting or not.
+    size = fft.next_fast_len(len(x) + length - 1, real=True)
+    wet = fft.irfft(fft.rfft(x, size) * fft.rfft(response, size), size)[: len(x)]
     return wet * np.sqrt(np.square(x).sum() / max(np.square(wet).sum(), 1e-12))
 
 
