@@ -35,7 +35,7 @@ def test_short_training_beats_the_static_template(
     topology = attach_uv(ds.topology, np.mean(list(train.values()), axis=0))
     model = build_model("mmtalker", small_config, topology, train)
     static = build_model("static", {}, topology, train)
-    config = TrainConfig(epochs=20, batch_size=4, learning_rate=3e-3, warmup_steps=10)
+    config = TrainConfig(epochs=12, batch_size=4, learning_rate=3e-3, warmup_steps=10)
     history = fit(model, ds, config)
     baseline = evaluate(static, ds.sequences("val"), ds.templates)
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]

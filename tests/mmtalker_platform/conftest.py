@@ -46,9 +46,12 @@ def ports() -> Callable[[], int]:
     return free_port
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def small_job() -> dict[str, Any]:
-    """Spec fields for a quick training job: a small MMTalker, short crops, 2 CPU workers."""
+    """Spec fields for a quick training job: a small MMTalker, short crops, 2 CPU workers.
+
+    Shared by the session: tests build their specs from copies (``{**small_job, ...}``).
+    """
     return {
         "model": {
             "kind": "mmtalker",
@@ -128,16 +131,26 @@ def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return database
 
 
-@pytest.fixture
-def work_dir(mlflow_template: Path, tmp_path: Path) -> Path:
-    """This test's platform work folder (``tmp_path / "work"``), its MLflow store already made.
+@pytest.fixture(scope="session")
+def make_work_dir(mlflow_template: Path) -> Callable[[Path], Path]:
+    """Makes a platform work folder (``folder / "work"``), its MLflow store already there.
 
     Every training job would otherwise spend its first seconds making the schema.
     """
-    work = tmp_path / "work"
-    (work / "mlflow").mkdir(parents=True)
-    shutil.copyfile(mlflow_template, work / "mlflow" / "mlflow.db")
-    return work
+
+    def make(folder: Path) -> Path:
+        work = folder / "work"
+        (work / "mlflow").mkdir(parents=True)
+        shutil.copyfile(mlflow_template, work / "mlflow" / "mlflow.db")
+        return work
+
+    return make
+
+
+@pytest.fixture
+def work_dir(make_work_dir: Callable[[Path], Path], tmp_path: Path) -> Path:
+    """This test's platform work folder (``tmp_path / "work"``), its MLflow store made."""
+    return make_work_dir(tmp_path)
 
 
 @pytest.fixture

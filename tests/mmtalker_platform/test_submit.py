@@ -74,6 +74,13 @@ def head_node(aws_environment: dict[str, str], ports: Callable[[], int]) -> Iter
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.fixture
+def job(small_job: dict[str, Any]) -> dict[str, Any]:
+    """The small job on one worker: what these tests check is the submission, and a second
+    worker only adds process start-up on a small machine (two workers: test_multinode)."""
+    return {**small_job, "scaling": {"workers": 1, "cpus_per_worker": 1}}
+
+
 def _write_spec(
     project: Path, job: dict[str, Any], name: str, data: str, tracking_uri: str
 ) -> Path:
@@ -102,10 +109,10 @@ def _submit(project: Path, url: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_submit_runs_the_spec_on_the_cluster(
-    head_node: str, tiny_corpus: str, tmp_path: Path, tracking_uri: str, small_job: dict[str, Any]
+    head_node: str, tiny_corpus: str, tmp_path: Path, tracking_uri: str, job: dict[str, Any]
 ) -> None:
     project = tmp_path / "project"
-    _write_spec(project, small_job, "submitted", str(Path(tiny_corpus).resolve()), tracking_uri)
+    _write_spec(project, job, "submitted", str(Path(tiny_corpus).resolve()), tracking_uri)
     done = _submit(project, head_node)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "submitted submitted-" in done.stdout and "SUCCEEDED" in done.stdout
@@ -115,23 +122,23 @@ def test_submit_runs_the_spec_on_the_cluster(
 
 
 def test_a_failing_job_exits_non_zero_with_its_status(
-    head_node: str, tmp_path: Path, tracking_uri: str, small_job: dict[str, Any]
+    head_node: str, tmp_path: Path, tracking_uri: str, job: dict[str, Any]
 ) -> None:
     project = tmp_path / "project"
-    _write_spec(project, small_job, "broken", str(tmp_path / "no-such-dataset"), tracking_uri)
+    _write_spec(project, job, "broken", str(tmp_path / "no-such-dataset"), tracking_uri)
     done = _submit(project, head_node)
     assert done.returncode == 1
     assert "ended FAILED" in done.stderr and "no-such-dataset" in done.stdout
 
 
 def test_ray_job_submit_never_leaves_results_in_the_unpacked_working_dir(
-    head_node: str, tiny_corpus: str, tmp_path: Path, work_dir: Path, small_job: dict[str, Any]
+    head_node: str, tiny_corpus: str, tmp_path: Path, work_dir: Path, job: dict[str, Any]
 ) -> None:
     """As README documents it: the default spec with only the data changed. The job runs in
     Ray's temporary copy of the project, so the relative default work folder is refused until
     MMTALKER_WORK_DIR names a lasting one; then the user's `mmtalker models list` sees it."""
     project = work_dir.parent  # the work folder is the project's default one, "work"
-    spec = {**small_job, "name": "raw", "data": str(Path(tiny_corpus).resolve())}
+    spec = {**job, "name": "raw", "data": str(Path(tiny_corpus).resolve())}
     (project / "jobs").mkdir(parents=True)
     (project / "jobs" / "train.yaml").write_text(yaml.safe_dump(spec))
     raw = [str(BIN / "ray"), "job", "submit", "--address", head_node, "--working-dir", "."]
