@@ -27,7 +27,8 @@ from mmtalker.data.shards import Dataset, table_to_sequences
 from mmtalker.errors import DatasetError
 from mmtalker.storage import S3Settings
 
-#: Rows per decode task: a few seconds of audio-mesh data each, small enough to stream.
+#: Rows decoded at a time, one output block each: a few seconds of audio-mesh data, small
+#: enough to stream.
 DECODE_BATCH_ROWS = 8
 
 
