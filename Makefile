@@ -72,6 +72,8 @@ bench: setup
 	$(BIN)/python bench/accuracy.py
 	$(BIN)/python bench/ceiling.py
 	$(BIN)/python bench/articulation.py --checkpoint $(WORK)/bench/accuracy/seed0/mmtalker
+	$(BIN)/python bench/upper_face.py --checkpoint $(WORK)/bench/accuracy/seed0/mmtalker \
+		--data $(WORK)/datasets/bench
 	$(BIN)/python bench/multires.py
 	$(BIN)/python bench/arkit_recovery.py --data $(WORK)/datasets/ict-2500v \
 		--checkpoint $(WORK)/bench/multires/coarse
