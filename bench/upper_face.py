@@ -32,13 +32,9 @@ from mmtalker.data.sequence import Sequence
 from mmtalker.data.shards import open_dataset
 from mmtalker.data.synth import Size, SynthConfig, make_speakers
 from mmtalker.errors import MMTalkerError
+from mmtalker.eval.metrics import motion_spread
 from mmtalker.nn.base import AnimationModel
 from mmtalker.training import predictions
-
-
-def motion_spread(displacements: np.ndarray, idx: np.ndarray) -> float:
-    """FDD's statistic of one sequence: mean over ``idx`` of the std over time of |d|²."""
-    return float(np.std(np.square(displacements[:, idx]).sum(-1), axis=0).mean())
 
 
 def spreads(
@@ -53,8 +49,8 @@ def spreads(
     for seq, template, vertices in predictions(model, sequences, templates):
         frames = min(len(vertices), len(seq.vertices))
         for name, idx in parts.items():
-            truth[name].append(motion_spread(seq.vertices[:frames] - template, idx))
-            predicted[name].append(motion_spread(vertices[:frames] - template, idx))
+            truth[name].append(motion_spread(seq.vertices[:frames], template, idx))
+            predicted[name].append(motion_spread(vertices[:frames], template, idx))
     return {name: (np.asarray(truth[name]), np.asarray(predicted[name])) for name in parts}
 
 
@@ -78,16 +74,16 @@ def main() -> None:
         "eyes": np.intersect1d(upper, eyes),
     }
     test = list(dataset.sequences("test"))
+    brows = {"brows": parts["brows"]}
+    on_test = spreads(model, test, dataset.templates, parts)
+    on_val = spreads(model, list(dataset.sequences("val")), dataset.templates, brows)
     print(f"{args.checkpoint} on {args.data}: split FDD x1e-7 of the test split, by part")
-    for name, (truth, predicted) in spreads(model, test, dataset.templates, parts).items():
+    for name, (truth, predicted) in on_test.items():
         # FDD averages over all upper-face vertices, so each part weighs by its vertex count.
         share = (truth - predicted).mean() * len(parts[name]) / len(upper)
         print(f"  {name:<6} {len(parts[name]):5d} vertices  {share * 1e7:7.2f}")
     print("brows' motion, predicted over true amplitude")
-    brows = {"brows": parts["brows"]}
-    for split in ("val", "test"):
-        sequences = list(dataset.sequences(split))
-        truth, predicted = spreads(model, sequences, dataset.templates, brows)["brows"]
+    for split, (truth, predicted) in (("val", on_val["brows"]), ("test", on_test["brows"])):
         print(f"  {split:<5} {np.sqrt(predicted.mean() / truth.mean()):.3f}")
     print("brow motion x1e-7 of every eighth test sentence's audio on each speaker's face")
     for speaker in sorted(dataset.templates):

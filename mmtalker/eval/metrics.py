@@ -61,6 +61,7 @@ __all__ = [
     "fdd_sequence",
     "lip_vertex_error_per_frame",
     "mean_vertex_error_per_frame",
+    "motion_spread",
     "mouth_opening",
     "pearson",
 ]
@@ -195,7 +196,9 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / norm) if norm > 0 else float("nan")
 
 
-def _upper_motion_std(vertices: np.ndarray, template: np.ndarray, idx: np.ndarray) -> float:
+def motion_spread(vertices: np.ndarray, template: np.ndarray, idx: np.ndarray) -> float:
+    """FDD's statistic of one sequence: mean over vertices ``idx`` of the std over time of the
+    squared motion norm; vertices (T, V, 3), template (V, 3)."""
     motion = vertices[:, idx] - template[idx]
     # CodeTalker takes the std of the *squared* displacement norm, not of the norm itself.
     squared_norm = np.square(motion).sum(axis=2)
@@ -216,7 +219,7 @@ def fdd_sequence(pred: Any, gt: Any, template: Any, upper_region: Any) -> float:
     if not np.isfinite(template).all():
         raise ValueError("template contains NaN or infinite values")
     idx = _check_region(upper_region, num_vertices, "upper")
-    return _upper_motion_std(gt, template, idx) - _upper_motion_std(pred, template, idx)
+    return motion_spread(gt, template, idx) - motion_spread(pred, template, idx)
 
 
 @dataclass(frozen=True)
