@@ -80,11 +80,6 @@ class SpeechConfig(BaseModel):
     #: (test LVE 0.227 vs 0.225 over three seeds; its steps are slower) and weakens the
     #: baseline (0.74 vs 0.55), so it is off by default.
     frequency_channels: int = Field(0, ge=0, le=64)
-    #: Light encoder: keep the first this many cepstral coefficients of every log-mel frame
-    #: (0: all). Below ~1.5 kHz the mel bands resolve a voice's pitch harmonics, whose ripple
-    #: (DCT index ~20-45 of 64 bands for F0 100-250 Hz) sits on top of the first formant that
-    #: tells open vowels from close ones; smoothing it away leaves the vocal-tract envelope.
-    cepstral_coefficients: int = Field(0, ge=0, le=128)
     #: Pretrained: longer audio runs in chunks of at most this, overlapping by 1 s.
     max_chunk_seconds: float = Field(20.0, ge=2 * CHUNK_OVERLAP_SECONDS)
 
@@ -104,11 +99,6 @@ class SpeechConfig(BaseModel):
                 raise ValueError(f"layers must be sorted shallow to deep, got {self.layers}")
             if self.layers[0] < 0:
                 raise ValueError(f"layers are hidden-state indices >= 0, got {self.layers}")
-        if self.cepstral_coefficients > self.n_mels:
-            raise ValueError(
-                f"cepstral_coefficients={self.cepstral_coefficients} exceeds n_mels={self.n_mels}; "
-                "keep at most one coefficient per mel band (0 keeps them all)"
-            )
         return self
 
 
@@ -207,16 +197,6 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 20.
     return torch.from_numpy(np.clip(np.minimum(rising, falling), 0.0, None).astype(np.float32))
 
 
-def cepstral_smoother(n_mels: int, keep: int) -> Tensor:
-    """``(n_mels, n_mels)`` projection of a log-mel frame onto its first ``keep`` orthonormal
-    DCT-II (cepstral) coefficients and back: the frame's smooth spectral envelope."""
-    bands = np.arange(n_mels)
-    basis = np.cos(np.pi / n_mels * (bands[None] + 0.5) * np.arange(keep)[:, None])
-    basis *= np.sqrt(2.0 / n_mels)
-    basis[0] /= np.sqrt(2.0)
-    return torch.from_numpy((basis.T @ basis).astype(np.float32))
-
-
 class _DepthwiseDilated(nn.Module):
     """Per-channel 3-tap convolution ``w0 x[t-d] + w1 x[t] + w2 x[t+d] + b``, zero padded."""
 
@@ -292,9 +272,6 @@ class LightSpeechEncoder(SpeechEncoder):
         self.register_buffer(
             "mel", mel_filterbank(config.sample_rate, self.win, config.n_mels).T, persistent=False
         )
-        keep = config.cepstral_coefficients
-        smoother = cepstral_smoother(config.n_mels, keep) if 0 < keep < config.n_mels else None
-        self.register_buffer("smoother", smoother, persistent=False)
         # Stride 2 halves the work of everything after it; 50 Hz is the rate of wav2vec2 too.
         # Output frame k covers log-mel frames 2k-1 .. 2k+2, centred like the 20 ms cell it is.
         self.frequency = (
@@ -325,8 +302,6 @@ class LightSpeechEncoder(SpeechEncoder):
             return_complex=True,
         )
         logmel = torch.log(torch.matmul(self.mel, spec.real**2 + spec.imag**2) + _LOG_FLOOR)
-        if self.smoother is not None:
-            logmel = torch.matmul(self.smoother, logmel)
         mask = _mask(-(-lengths // self.hop), logmel.shape[-1])[:, None]
         return _standardize(logmel, mask)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,6 @@ from mmtalker.nn.speech import (
     SpeechConfig,
     _standardize,
     build_speech_encoder,
-    cepstral_smoother,
     resample_frames,
 )
 
@@ -115,21 +113,8 @@ def test_config_rejects_inconsistent_settings() -> None:
         SpeechConfig(layers=[3, 1], levels=2)
     with pytest.raises(ValidationError, match="greater than or equal to 2"):
         SpeechConfig(max_chunk_seconds=1.5)
-    with pytest.raises(ValidationError, match="exceeds n_mels"):
-        SpeechConfig(n_mels=32, cepstral_coefficients=40)
     with pytest.raises(ValidationError, match="Extra inputs"):
         SpeechConfig(hidden=12)
-
-
-def test_cepstral_smoother_keeps_the_envelope_and_drops_the_ripple() -> None:
-    smoother = cepstral_smoother(64, 16)
-    assert torch.allclose(smoother @ smoother, smoother, atol=1e-5)  # a projection
-    assert torch.allclose(cepstral_smoother(64, 64), torch.eye(64), atol=1e-5)
-    bands = torch.arange(64.0)
-    envelope = 3 * torch.exp(-(((bands - 14) / 6) ** 2)) + 2 * torch.exp(-(((bands - 30) / 8) ** 2))
-    ripple = torch.cos(2 * math.pi * bands / 4)  # a harmonic every 4 bands: DCT index 32
-    assert relative(smoother @ envelope, envelope) < 0.01
-    assert float((smoother @ ripple).norm() / ripple.norm()) < 0.15
 
 
 def test_resample_frames_is_interpolate_when_frames_tile_the_audio() -> None:
@@ -171,17 +156,13 @@ def test_light_is_deterministic() -> None:
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize(("frequency_channels", "cepstral_coefficients"), [(0, 0), (8, 0), (0, 16)])
-def test_light_padded_batch_matches_unpadded(
-    frequency_channels: int, cepstral_coefficients: int
-) -> None:
+@pytest.mark.parametrize("frequency_channels", [0, 8])
+def test_light_padded_batch_matches_unpadded(frequency_channels: int) -> None:
     short, long = speechlike(1.0, seed=1), speechlike(2.0, seed=2)
     # Garbage in the padding must not matter: only audio_lengths says what is speech.
     batch = torch.cat([torch.cat([short, torch.randn(1, SR)], dim=1), long])
     lengths = torch.tensor([SR, 2 * SR])
-    encoder = light(
-        frequency_channels=frequency_channels, cepstral_coefficients=cepstral_coefficients
-    )
+    encoder = light(frequency_channels=frequency_channels)
     together = encoder(batch, 60, audio_lengths=lengths)
     alone_short = encoder(short, 30)
     alone_long = encoder(long, 60)
