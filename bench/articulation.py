@@ -12,6 +12,8 @@ Pearson r, the slope of prediction on truth (below 1: the model hedges) and both
 sync is lost where the mouth channels' r is low; the last column says how much each channel's
 error adds to the error of the mouth opening that the lip-sync metric correlates (its covariance
 with that error over the error's variance: the shares sum to 1 with what no channel explains).
+A last line scores lip sync with the predicted opening shifted against the truth by a few frames:
+a peak away from 0 would mean the model animates early or late.
 A benchmark: it reports figures and never fails.
 """
 
@@ -29,7 +31,9 @@ from mmtalker.checkpoint import load_checkpoint
 from mmtalker.data import motion
 from mmtalker.data.synth import Size, SynthConfig, corpus_face
 from mmtalker.errors import MMTalkerError
-from mmtalker.eval.metrics import mouth_opening
+from mmtalker.eval.metrics import mouth_opening, pearson
+
+OFFSETS = range(-2, 3)
 
 
 def main() -> None:
@@ -47,7 +51,7 @@ def main() -> None:
         raise SystemExit(f"error: {error}") from None
     config = SynthConfig.preset(cast(Size, args.size), face="procedural")
     channels = np.eye(len(motion.CHANNELS))
-    truths, predicted, openings, opening_errors = [], [], [], []
+    truths, predicted, openings, opening_errors, opening_pairs = [], [], [], [], []
     lips = model.topology.region("lips")
     index = {name: i for i, name in enumerate(model.speakers)}
     for speaker, face, utterance, curves in spoken_split(
@@ -74,9 +78,10 @@ def main() -> None:
         # The opening is linear in the displacements: each channel's weight moves it by the
         # opening of that channel's shape.
         openings.append(mouth_opening(posed, face.neutral, lips))
-        opening_errors.append(
-            mouth_opening(face.neutral + displacements, face.neutral, lips) - curves @ openings[-1]
+        opening_pairs.append(
+            (mouth_opening(face.neutral + displacements, face.neutral, lips), curves @ openings[-1])
         )
+        opening_errors.append(opening_pairs[-1][0] - opening_pairs[-1][1])
     truth, prediction = np.concatenate(truths), np.concatenate(predicted)
     opening_error = np.concatenate(opening_errors)
     channel_errors = np.concatenate(
@@ -92,6 +97,19 @@ def main() -> None:
             f"{name:<14}{r:7.3f}{slope:7.2f}{truth[:, k].std():9.3f}{prediction[:, k].std():9.3f}"
             f"{share:13.3f}"
         )
+    shifted = {k: lip_sync_shifted(opening_pairs, k) for k in OFFSETS}
+    print(
+        "lip sync, prediction k frames late:",
+        ", ".join(f"{k:+d} {r:.3f}" for k, r in shifted.items()),
+    )
+
+
+def lip_sync_shifted(pairs: list[tuple[np.ndarray, np.ndarray]], k: int) -> float:
+    """Pearson r over all frames of (predicted, true) mouth openings, pairing each true frame t
+    with predicted frame t + k."""
+    predicted = np.concatenate([p[max(k, 0) : len(p) + min(k, 0)] for p, _ in pairs])
+    truth = np.concatenate([t[max(-k, 0) : len(t) + min(-k, 0)] for _, t in pairs])
+    return pearson(predicted, truth)
 
 
 if __name__ == "__main__":
