@@ -291,7 +291,10 @@ def main() -> None:
         ]  # fmt: skip
         run_parallel(commands, args.jobs)
 
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    # Every core, unless the caller pinned OMP_NUM_THREADS: two scorings side by side at a thread
+    # per core each oversubscribed 2 cores and ran over ten times slower.
+    threads = os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0))
+    torch.set_num_threads(max(1, int(threads)))
     test = list(dataset.sequences("test"))
     sets = {"test": (test, dataset.templates), "degraded": (degraded(test), dataset.templates)}
     sets.update({f"{n}": (list(d.sequences("test")), d.templates) for n, d in proxies.items()})
