@@ -51,7 +51,7 @@ def main() -> None:
         raise SystemExit(f"error: {error}") from None
     config = SynthConfig.preset(cast(Size, args.size), face="procedural")
     channels = np.eye(len(motion.CHANNELS))
-    truths, predicted, openings, opening_errors, opening_pairs = [], [], [], [], []
+    truths, predicted, openings, opening_pairs = [], [], [], []
     lips = model.topology.region("lips")
     index = {name: i for i, name in enumerate(model.speakers)}
     for speaker, face, utterance, curves in spoken_split(
@@ -81,9 +81,8 @@ def main() -> None:
         opening_pairs.append(
             (mouth_opening(face.neutral + displacements, face.neutral, lips), curves @ openings[-1])
         )
-        opening_errors.append(opening_pairs[-1][0] - opening_pairs[-1][1])
     truth, prediction = np.concatenate(truths), np.concatenate(predicted)
-    opening_error = np.concatenate(opening_errors)
+    opening_error = np.concatenate([p - t for p, t in opening_pairs])
     channel_errors = np.concatenate(
         [(p - t) * a for t, p, a in zip(truths, predicted, openings, strict=True)]
     )
