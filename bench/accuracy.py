@@ -97,8 +97,16 @@ def corpus_config(size: str, face: str) -> SynthConfig:
 
 
 def ensure_corpus(config: SynthConfig, path: Path) -> Dataset:
-    """Open the corpus at ``path``, synthesising it there first if absent."""
-    if not (path / MANIFEST).is_file():
+    """Open the corpus at ``path``, synthesising it there first if absent; a corpus made with
+    other settings (e.g. an older preset) is refused rather than silently measured."""
+    if (path / MANIFEST).is_file():
+        stored = open_dataset(str(path)).manifest.extra.get("synth")
+        if stored is None or SynthConfig.model_validate(stored) != config:
+            raise SystemExit(
+                f"error: {path} was synthesised with other settings than this benchmark's "
+                f"corpus; delete it (it is re-made) or pass --data with another folder"
+            )
+    else:
         print(f"synthesising {path} ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
         manifest = synthesize_corpus(config, str(path))

@@ -69,6 +69,10 @@ def synth(
             help="Share of training sentences spoken by another engine (Flite's awb and rms)."
         ),
     ] = None,
+    extra_train_speakers: Annotated[
+        int | None,
+        typer.Option(help="Training speakers added without changing the val and test ones."),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset at --out.")] = False,
 ) -> None:
     """Synthesise a speech-motion corpus: espeak-ng (and Flite) speech, phoneme-timed faces."""
@@ -89,6 +93,7 @@ def synth(
             face=face,
             voice_mix=voice_mix,
             engine_share=engine_share,
+            extra_train_speakers=extra_train_speakers,
         ).items()
         if value is not None
     }

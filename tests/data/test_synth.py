@@ -64,8 +64,8 @@ def test_generation_is_deterministic_by_seed(tmp_path: Path) -> None:
 
 def test_speakers_differ_in_voice_face_and_style() -> None:
     speakers = make_speakers(SynthConfig.preset("bench"))
-    assert len({s.voice for s in speakers}) == len(speakers) == 12
-    assert len({s.shape.width for s in speakers}) == 12
+    assert len({s.voice for s in speakers}) == len(speakers) == 20
+    assert len({s.shape.width for s in speakers}) == 20
     assert [s.split for s in speakers].count("test") == 2
 
 
@@ -86,6 +86,24 @@ def test_user_text_file(tmp_path: Path) -> None:
         load_sentences(str(tmp_path / "one.txt"))
     with pytest.raises(DatasetError, match="not found"):
         load_sentences(str(tmp_path / "missing.txt"))
+
+
+def test_extra_training_speakers_keep_the_held_out_speakers_and_sentences() -> None:
+    base = SynthConfig.preset("bench", extra_train_speakers=0)
+    grown = SynthConfig.preset("bench")
+    before, after = make_speakers(base), make_speakers(grown)
+    assert after[:12] == before
+    assert [s.split for s in after[12:]] == ["train"] * 8
+    assert len({s.voice for s in after}) == 20
+    total = len(load_sentences())
+    plan_before, plan_after = (
+        assign_sentences(c, s, total) for c, s in ((base, before), (grown, after))
+    )
+    held_out = [s.id for s in before if s.split != "train"]
+    assert {k: plan_after[k] for k in held_out} == {k: plan_before[k] for k in held_out}
+    assert all(len(plan_after[s.id]) == 160 for s in after[12:])
+    with pytest.raises(ValueError, match="at most 48"):
+        SynthConfig.preset("bench", extra_train_speakers=40)
 
 
 def test_config_rejects_too_few_training_speakers() -> None:
