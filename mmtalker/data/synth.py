@@ -55,6 +55,12 @@ ICT_FACE_VERTICES = 9409
 ICT_IDENTITY_MODES = 100
 
 
+def speaker_voice(index: int) -> str:
+    """The espeak-ng voice of speaker ``index`` (the voices repeat after 48 speakers)."""
+    base = _BASE_VOICES[(index // len(_VARIANTS)) % len(_BASE_VOICES)]
+    return f"{base}+{_VARIANTS[index % len(_VARIANTS)]}"
+
+
 class SynthConfig(BaseModel):
     """What to synthesise; :meth:`preset` gives the tiny, demo and benchmark sizes."""
 
@@ -92,11 +98,23 @@ class SynthConfig(BaseModel):
     def _enough_training_speakers(self) -> SynthConfig:
         if self.speakers - self.val_speakers - self.test_speakers < 1:
             raise ValueError("speakers must exceed val_speakers + test_speakers by at least one")
-        if self.speakers + self.extra_train_speakers > len(_VARIANTS) * len(_BASE_VOICES):
+        total = self.speakers + self.extra_train_speakers
+        if total > len(_VARIANTS) * len(_BASE_VOICES):
             raise ValueError(
                 f"speakers + extra_train_speakers must be at most "
-                f"{len(_VARIANTS) * len(_BASE_VOICES)} (the distinct voices), got "
-                f"{self.speakers + self.extra_train_speakers}"
+                f"{len(_VARIANTS) * len(_BASE_VOICES)}, got {total}"
+            )
+        first_held_out = self.speakers - self.val_speakers - self.test_speakers
+        held_out = {speaker_voice(i) for i in range(first_held_out, self.speakers)}
+        shared = held_out & {
+            speaker_voice(i) for i in range(total) if not first_held_out <= i < self.speakers
+        }
+        if shared:
+            # The voice list repeats en-us after 24 speakers; a held-out voice in training
+            # would make val and test measure a voice the model has heard.
+            raise ValueError(
+                f"training speakers would share the held-out speakers' voices {sorted(shared)}; "
+                f"use fewer speakers in all ({total} now)"
             )
         for voice in [*(self.voices or []), *self.engine_voices]:
             engine, _, name = voice.partition(":")
@@ -200,12 +218,11 @@ def make_speakers(config: SynthConfig) -> list[Speaker]:
             if index < n_train + config.val_speakers
             else "test"
         )
-        base = _BASE_VOICES[(index // len(_VARIANTS)) % len(_BASE_VOICES)]
         speakers.append(
             Speaker(
                 id=f"spk{index:02d}",
                 split=split,
-                voice=f"{base}+{_VARIANTS[index % len(_VARIANTS)]}",
+                voice=speaker_voice(index),
                 pitch=int(rng.integers(30, 71)),
                 rate=int(rng.integers(145, 196)),
                 shape=F.FaceShape.sample(rng),

@@ -104,6 +104,9 @@ def test_extra_training_speakers_keep_the_held_out_speakers_and_sentences() -> N
     assert all(len(plan_after[s.id]) == 160 for s in after[12:])
     with pytest.raises(ValueError, match="at most 48"):
         SynthConfig.preset("bench", extra_train_speakers=40)
+    # Past 24 speakers the en-us voices come round again, the test speakers' among them.
+    with pytest.raises(ValueError, match=r"held-out speakers' voices .*'en-us\+m6'"):
+        SynthConfig.preset("bench", extra_train_speakers=23)
 
 
 def test_config_rejects_too_few_training_speakers() -> None:
