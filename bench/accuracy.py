@@ -100,21 +100,22 @@ def ensure_corpus(config: SynthConfig, path: Path) -> Dataset:
     """Open the corpus at ``path``, synthesising it there first if absent; a corpus made with
     other settings (e.g. an older preset) is refused rather than silently measured."""
     if (path / MANIFEST).is_file():
-        stored = open_dataset(str(path)).manifest.extra.get("synth")
+        dataset = open_dataset(str(path))
+        stored = dataset.manifest.extra.get("synth")
         if stored is None or SynthConfig.model_validate(stored) != config:
             raise SystemExit(
                 f"error: {path} was synthesised with other settings than this benchmark's "
                 f"corpus; delete it (it is re-made) or pass --data with another folder"
             )
-    else:
-        print(f"synthesising {path} ...", file=sys.stderr, flush=True)
-        started = time.perf_counter()
-        manifest = synthesize_corpus(config, str(path))
-        print(
-            f"  {manifest.num_sequences} sequences, {manifest.audio_seconds / 60:.1f} min of "
-            f"audio in {time.perf_counter() - started:.0f} s",
-            file=sys.stderr,
-        )
+        return dataset
+    print(f"synthesising {path} ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    manifest = synthesize_corpus(config, str(path))
+    print(
+        f"  {manifest.num_sequences} sequences, {manifest.audio_seconds / 60:.1f} min of "
+        f"audio in {time.perf_counter() - started:.0f} s",
+        file=sys.stderr,
+    )
     return open_dataset(str(path))
 
 

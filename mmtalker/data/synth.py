@@ -96,15 +96,15 @@ class SynthConfig(BaseModel):
 
     @model_validator(mode="after")
     def _enough_training_speakers(self) -> SynthConfig:
-        if self.speakers - self.val_speakers - self.test_speakers < 1:
+        first_held_out = self.speakers - self.val_speakers - self.test_speakers
+        if first_held_out < 1:
             raise ValueError("speakers must exceed val_speakers + test_speakers by at least one")
-        total = self.speakers + self.extra_train_speakers
+        total = self.total_speakers
         if total > len(_VARIANTS) * len(_BASE_VOICES):
             raise ValueError(
                 f"speakers + extra_train_speakers must be at most "
                 f"{len(_VARIANTS) * len(_BASE_VOICES)}, got {total}"
             )
-        first_held_out = self.speakers - self.val_speakers - self.test_speakers
         held_out = {speaker_voice(i) for i in range(first_held_out, self.speakers)}
         shared = held_out & {
             speaker_voice(i) for i in range(total) if not first_held_out <= i < self.speakers
@@ -141,6 +141,11 @@ class SynthConfig(BaseModel):
                 f"got {self.num_vertices}"
             )
         return self
+
+    @property
+    def total_speakers(self) -> int:
+        """Every speaker of the corpus, ``extra_train_speakers`` included."""
+        return self.speakers + self.extra_train_speakers
 
     @classmethod
     def preset(cls, size: Size, **overrides: object) -> SynthConfig:
@@ -209,7 +214,7 @@ def make_speakers(config: SynthConfig) -> list[Speaker]:
     """Deterministic speakers: training, then val, then test, then ``extra_train_speakers``."""
     speakers = []
     n_train = config.speakers - config.val_speakers - config.test_speakers
-    for index in range(config.speakers + config.extra_train_speakers):
+    for index in range(config.total_speakers):
         rng = np.random.default_rng([config.seed, index, 0])
         split = (
             "train"
@@ -393,8 +398,10 @@ def synthesize_corpus(
         },
     }
     suffix = "" if config.voices is None else "-" + "+".join(config.voices).replace(":", "-")
-    count = config.speakers + config.extra_train_speakers
-    name = f"synthetic-{config.face}-{count}spk-{config.num_vertices}v-seed{config.seed}"
+    name = (
+        f"synthetic-{config.face}-{config.total_speakers}spk-{config.num_vertices}v"
+        f"-seed{config.seed}"
+    )
     writer = DatasetWriter(
         output,
         name=name + suffix,
