@@ -7,8 +7,8 @@ STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 WORK ?= work
 # espeak-ng speaks the corpora and Flite part of their training sentences; Festival (a third
-# engine, two voices) speaks the unseen-voice evaluation sets.
-APT_PACKAGES := espeak-ng festival festvox-kallpc16k festvox-us-slt-hts flite
+# engine) speaks the unseen-voice evaluation sets (kal, slt) and is an optional training voice (ked).
+APT_PACKAGES := espeak-ng festival festvox-kallpc16k festvox-us-slt-hts festvox-kdlpc16k flite
 
 .PHONY: setup demo test lint format bench clean
 
@@ -19,7 +19,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@if ! ldconfig -p | grep -q libespeak-ng.so.1 || ! command -v festival >/dev/null \
 		|| ! command -v flite >/dev/null \
-		|| [ ! -d /usr/share/festival/voices/us/cmu_us_slt_arctic_hts ]; then \
+		|| [ ! -d /usr/share/festival/voices/us/cmu_us_slt_arctic_hts ] \
+		|| [ ! -d /usr/share/festival/voices/english/ked_diphone ]; then \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(APT_PACKAGES); fi
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0

@@ -66,7 +66,14 @@ def synth(
     engine_share: Annotated[
         float | None,
         typer.Option(
-            help="Share of training sentences spoken by another engine (Flite's awb and rms)."
+            help="Share of training sentences spoken by another engine (--engine-voices)."
+        ),
+    ] = None,
+    engine_voices: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated voices of those engines (default flite:awb,flite:rms; "
+            "festival:ked also works)."
         ),
     ] = None,
     extra_train_speakers: Annotated[
@@ -93,6 +100,7 @@ def synth(
             face=face,
             voice_mix=voice_mix,
             engine_share=engine_share,
+            engine_voices=engine_voices.split(",") if engine_voices else None,
             extra_train_speakers=extra_train_speakers,
         ).items()
         if value is not None

@@ -3,8 +3,9 @@
 espeak-ng (formant synthesis) makes the training corpus; Festival's voices sound nothing like it
 (``kal_diphone`` concatenates recorded diphones of a male US speaker, ``cmu_us_slt_arctic_hts``
 is a statistical parametric voice of a female US speaker), so speech from Festival measures how
-a model does on voices from an engine it never heard. Festival runs as a batch process (Debian:
-``apt-get install festival festvox-kallpc16k festvox-us-slt-hts``); one process speaks many
+a model does on voices from an engine it never heard (``ked_diphone``, another male US diphone
+voice, may join training instead). Festival runs as a batch process (Debian: ``apt-get install
+festival festvox-kallpc16k festvox-us-slt-hts festvox-kdlpc16k``); one process speaks many
 sentences. Its phone names (the US "radio" set) are mapped to the IPA symbols espeak-ng uses, so
 the same viseme rules (:mod:`mmtalker.data.visemes`) time the face.
 """
@@ -28,6 +29,9 @@ from mmtalker.errors import SynthesisError
 VOICES = {
     "kal": ("voice_kal_diphone", "male US diphone voice (festvox-kallpc16k)"),
     "slt": ("voice_cmu_us_slt_arctic_hts", "female US HTS voice (festvox-us-slt-hts)"),
+    # Not a proxy voice: a Festival voice training may hear (engine_voices) while kal and slt
+    # stay unheard.
+    "ked": ("voice_ked_diphone", "another male US diphone voice (festvox-kdlpc16k)"),
 }
 
 #: Festival's US phones (radio set) to the IPA symbols of espeak-ng's phoneme events.
@@ -41,7 +45,8 @@ PHONES = {
 }  # fmt: skip
 
 _INSTALL_HINT = (
-    "install Festival and its voices: apt-get install festival festvox-kallpc16k festvox-us-slt-hts"
+    "install Festival and its voices: "
+    "apt-get install festival festvox-kallpc16k festvox-us-slt-hts festvox-kdlpc16k"
 )
 
 

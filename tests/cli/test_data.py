@@ -38,6 +38,7 @@ def test_synth_to_s3_via_standard_aws_variables(s3_env: dict[str, str], s3_bucke
         (("data", "info", "/definitely/not/here"), "dataset not found"),
         (("data", "synth", "--size", "huge", "--out", "x"), "huge"),
         (("data", "synth", "--tiny", "--vertices", "10", "--out", "x"), "num_vertices"),
+        (("data", "synth", "--tiny", "--engine-voices", "awb", "--out", "x"), "flite:NAME"),
         (("data", "prepare", "/definitely/not/here", "--out", "x"), "not"),
         (("data", "info", "gs://bucket/x"), "unsupported storage scheme"),
     ],

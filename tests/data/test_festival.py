@@ -25,7 +25,7 @@ def test_every_festival_phone_has_a_viseme() -> None:
     assert not is_known("qq")
 
 
-@pytest.mark.parametrize("voice", ["kal", "slt"])
+@pytest.mark.parametrize("voice", ["kal", "slt", "ked"])
 def test_festival_speaks_with_timings_that_cover_the_audio(voice: str) -> None:
     tts = FestivalSynthesizer(sample_rate=16000)
     first, second = tts.synthesize_many(["Hello there.", 'She said "maybe" twice.'], voice)
