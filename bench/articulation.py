@@ -1,7 +1,7 @@
 """Which articulations a model gets right: its predicted channel activations against the truth.
 
 Usage: python bench/articulation.py --checkpoint DIR [--size bench|demo] [--split test]
-                                    [--sentences 40]
+                                    [--sentences 40] [--voices festival:kal,festival:slt]
 
 A procedural corpus poses each frame as the speaker's neutral face plus a weighted sum of seven
 channel shapes (jaw, lip rounding, spreading, closure, labiodental, blink, brow raise). The
@@ -13,7 +13,9 @@ sync is lost where the mouth channels' r is low; the last column says how much e
 error adds to the error of the mouth opening that the lip-sync metric correlates (its covariance
 with that error over the error's variance: the shares sum to 1 with what no channel explains).
 A last line scores lip sync with the predicted opening shifted against the truth by a few frames:
-a peak away from 0 would mean the model animates early or late.
+a peak away from 0 would mean the model animates early or late. ``--voices`` re-voices the
+split (as the accuracy benchmark's proxies do), to see which articulations an unheard engine
+costs.
 A benchmark: it reports figures and never fails.
 """
 
@@ -43,13 +45,20 @@ def main() -> None:
     parser.add_argument("--size", default="bench", choices=["demo", "bench"])
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--sentences", type=int, default=40, help="per speaker")
+    parser.add_argument(
+        "--voices", help="comma-separated voices replacing the speakers' own, e.g. festival:kal"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     try:
         model = load_checkpoint(args.checkpoint).model.eval()
     except MMTalkerError as error:
         raise SystemExit(f"error: {error}") from None
-    config = SynthConfig.preset(cast(Size, args.size), face="procedural")
+    voices = args.voices.split(",") if args.voices else None
+    try:
+        config = SynthConfig.preset(cast(Size, args.size), face="procedural", voices=voices)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     channels = np.eye(len(motion.CHANNELS))
     truths, predicted, openings, opening_pairs = [], [], [], []
     lips = model.topology.region("lips")
