@@ -72,6 +72,7 @@ bench: setup
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/accuracy.py
 	$(BIN)/python bench/ceiling.py
+	$(BIN)/python bench/stop_timing.py
 	$(BIN)/python bench/articulation.py --checkpoint $(WORK)/bench/accuracy/seed0/mmtalker
 	$(BIN)/python bench/upper_face.py --checkpoint $(WORK)/bench/accuracy/seed0/mmtalker \
 		--data $(WORK)/datasets/bench
