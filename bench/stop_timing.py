@@ -8,7 +8,9 @@ that label decides whether the truth's lips close in the silence or after the bu
 voice and class of consonant this prints, averaged over all its tokens, the time of the energy
 minimum (the closure) and of the steepest rise (the burst) relative to the label's start, and
 the labels' mean length. Labels that start at the closure put the minimum and the rise after 0;
-labels that start at the burst put them at or before 0. No training; seconds of synthesis.
+labels that start at the burst put them at or before 0. /m/ closes the lips too but is voiced
+throughout, so it shows where the labels put a closure without a silence. No training; seconds
+of synthesis.
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ def label_profile(utterances: list[Utterance], symbols: tuple[str, ...]) -> str:
         frames = len(audio) // hop
         energy = np.log(np.sqrt((audio[: frames * hop].reshape(frames, hop) ** 2).mean(1)) + 1e-5)
         for phoneme in utterance.phonemes:
-            centre = int(phoneme.start * 1000 / HOP_MS)
-            if phoneme.symbol in symbols and reach <= centre < frames - reach:
-                profiles.append(energy[centre - reach : centre + reach + 1])
+            start = int(phoneme.start * 1000 / HOP_MS)
+            if phoneme.symbol in symbols and reach <= start < frames - reach:
+                profiles.append(energy[start - reach : start + reach + 1])
                 lengths.append(phoneme.end - phoneme.start)
     if not profiles:
         return "no tokens"
