@@ -30,19 +30,23 @@ WINDOW_MS = 100
 CLASSES = {"p b": ("p", "b"), "t d": ("t", "d"), "k g": ("k", "ɡ"), "m": ("m",)}
 
 
-def label_profile(utterances: list[Utterance], symbols: tuple[str, ...]) -> str:
-    """The mean log-energy around the labelled starts of ``symbols``: its minimum, steepest
-    rise and the labels' length, in ms."""
+def log_energy(utterance: Utterance) -> np.ndarray:
+    """Log RMS energy of the utterance's audio in consecutive ``HOP_MS`` frames."""
     hop = SAMPLE_RATE * HOP_MS // 1000
+    audio = utterance.audio.astype(np.float64)
+    frames = len(audio) // hop
+    return np.log(np.sqrt((audio[: frames * hop].reshape(frames, hop) ** 2).mean(1)) + 1e-5)
+
+
+def label_profile(spoken: list[tuple[Utterance, np.ndarray]], symbols: tuple[str, ...]) -> str:
+    """The mean log-energy around the labelled starts of ``symbols`` over (utterance, its
+    :func:`log_energy`) pairs: its minimum, steepest rise and the labels' length, in ms."""
     reach = WINDOW_MS // HOP_MS
     profiles, lengths = [], []
-    for utterance in utterances:
-        audio = utterance.audio.astype(np.float64)
-        frames = len(audio) // hop
-        energy = np.log(np.sqrt((audio[: frames * hop].reshape(frames, hop) ** 2).mean(1)) + 1e-5)
+    for utterance, energy in spoken:
         for phoneme in utterance.phonemes:
             start = int(phoneme.start * 1000 / HOP_MS)
-            if phoneme.symbol in symbols and reach <= start < frames - reach:
+            if phoneme.symbol in symbols and reach <= start < len(energy) - reach:
                 profiles.append(energy[start - reach : start + reach + 1])
                 lengths.append(phoneme.end - phoneme.start)
     if not profiles:
@@ -72,11 +76,10 @@ def main() -> None:
     engines = Voices(SAMPLE_RATE)
     for voice in voices:
         try:
-            spoken = list(
-                engines.speak(texts, {key: VoiceChoice(voice=voice) for key in texts}).values()
-            )
+            utterances = engines.speak(texts, {key: VoiceChoice(voice=voice) for key in texts})
         except MMTalkerError as error:
             raise SystemExit(f"error: {voice}: {error}") from None
+        spoken = [(utterance, log_energy(utterance)) for utterance in utterances.values()]
         for name, symbols in CLASSES.items():
             print(f"{voice:<18} {'/' + name + '/':<7} {label_profile(spoken, symbols)}")
 
