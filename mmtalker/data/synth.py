@@ -96,7 +96,7 @@ class SynthConfig(BaseModel):
 
     @model_validator(mode="after")
     def _enough_training_speakers(self) -> SynthConfig:
-        first_held_out = self.speakers - self.val_speakers - self.test_speakers
+        first_held_out = self.first_held_out
         if first_held_out < 1:
             raise ValueError("speakers must exceed val_speakers + test_speakers by at least one")
         total = self.total_speakers
@@ -141,6 +141,11 @@ class SynthConfig(BaseModel):
                 f"got {self.num_vertices}"
             )
         return self
+
+    @property
+    def first_held_out(self) -> int:
+        """Index of the first val speaker; the test speakers follow, the rest train."""
+        return self.speakers - self.val_speakers - self.test_speakers
 
     @property
     def total_speakers(self) -> int:
@@ -213,7 +218,7 @@ def load_sentences(text_file: str | None = None) -> list[str]:
 def make_speakers(config: SynthConfig) -> list[Speaker]:
     """Deterministic speakers: training, then val, then test, then ``extra_train_speakers``."""
     speakers = []
-    n_train = config.speakers - config.val_speakers - config.test_speakers
+    n_train = config.first_held_out
     for index in range(config.total_speakers):
         rng = np.random.default_rng([config.seed, index, 0])
         split = (
