@@ -13,7 +13,11 @@ sync is lost where the mouth channels' r is low; the last column says how much e
 error adds to the error of the mouth opening that the lip-sync metric correlates (its covariance
 with that error over the error's variance: the shares sum to 1 with what no channel explains).
 A last line scores lip sync with the predicted opening shifted against the truth by a few frames:
-a peak away from 0 would mean the model animates early or late. ``--voices`` re-voices the
+a peak away from 0 would mean the model animates early or late. The line after it correlates
+the true and the predicted openings with the audio's loudness (log energy per frame) the same
+way: a model that opens the mouth with loudness more than the truth does is guessing from level,
+not from the phoneme, and the lag of the truth's peak shows where the engine's labels put the
+mouth against the sound. ``--voices`` re-voices the
 split (as the accuracy benchmark's proxies do), to see which articulations an unheard engine
 costs.
 A benchmark: it reports figures and never fails.
@@ -60,7 +64,7 @@ def main() -> None:
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     channels = np.eye(len(motion.CHANNELS))
-    truths, predicted, openings, opening_pairs = [], [], [], []
+    truths, predicted, openings, opening_pairs, loudness = [], [], [], [], []
     lips = model.topology.region("lips")
     index = {name: i for i, name in enumerate(model.speakers)}
     for speaker, face, utterance, curves in spoken_split(
@@ -90,6 +94,7 @@ def main() -> None:
         opening_pairs.append(
             (mouth_opening(face.neutral + displacements, face.neutral, lips), curves @ openings[-1])
         )
+        loudness.append(frame_log_energy(utterance.audio, len(curves)))
     truth, prediction = np.concatenate(truths), np.concatenate(predicted)
     opening_error = np.concatenate([p - t for p, t in opening_pairs])
     channel_errors = np.concatenate(
@@ -105,19 +110,32 @@ def main() -> None:
             f"{name:<14}{r:7.3f}{slope:7.2f}{truth[:, k].std():9.3f}{prediction[:, k].std():9.3f}"
             f"{share:13.3f}"
         )
-    shifted = {k: lip_sync_shifted(opening_pairs, k) for k in OFFSETS}
     print(
         "lip sync, prediction k frames late:",
-        ", ".join(f"{k:+d} {r:.3f}" for k, r in shifted.items()),
+        ", ".join(f"{k:+d} {shifted_r(opening_pairs, k):.3f}" for k in OFFSETS),
     )
+    for side, name in ((1, "truth"), (0, "prediction")):
+        pairs = [(pair[side], energy) for pair, energy in zip(opening_pairs, loudness, strict=True)]
+        print(
+            f"loudness against the {name}'s opening k frames late:",
+            ", ".join(f"{k:+d} {shifted_r(pairs, k):.3f}" for k in OFFSETS),
+        )
 
 
-def lip_sync_shifted(pairs: list[tuple[np.ndarray, np.ndarray]], k: int) -> float:
-    """Pearson r over all frames of (predicted, true) mouth openings, pairing each true frame t
-    with predicted frame t + k."""
-    predicted = np.concatenate([p[max(k, 0) : len(p) + min(k, 0)] for p, _ in pairs])
-    truth = np.concatenate([t[max(-k, 0) : len(t) + min(-k, 0)] for _, t in pairs])
-    return pearson(predicted, truth)
+def frame_log_energy(audio: np.ndarray, num_frames: int) -> np.ndarray:
+    """Log mean square of the audio in each of ``num_frames`` equal spans, ``(num_frames,)``."""
+    # Audio is many samples per frame, so every span is non-empty.
+    edges = np.linspace(0, len(audio), num_frames + 1).round().astype(int)
+    sums = np.add.reduceat(np.square(audio.astype(np.float64)), edges[:-1])
+    return np.log(sums / np.diff(edges) + 1e-10)
+
+
+def shifted_r(pairs: list[tuple[np.ndarray, np.ndarray]], k: int) -> float:
+    """Pearson r over all frames of ``(late, reference)`` signal pairs, pairing each reference
+    frame t with frame t + k of the other."""
+    late = np.concatenate([a[max(k, 0) : len(a) + min(k, 0)] for a, _ in pairs])
+    reference = np.concatenate([b[max(-k, 0) : len(b) + min(-k, 0)] for _, b in pairs])
+    return pearson(late, reference)
 
 
 if __name__ == "__main__":
