@@ -13,13 +13,11 @@ sync is lost where the mouth channels' r is low; the last column says how much e
 error adds to the error of the mouth opening that the lip-sync metric correlates (its covariance
 with that error over the error's variance: the shares sum to 1 with what no channel explains).
 A last line scores lip sync with the predicted opening shifted against the truth by a few frames:
-a peak away from 0 would mean the model animates early or late. The line after it correlates
+a peak away from 0 would mean the model animates early or late. The lines after it correlate
 the true and the predicted openings with the audio's loudness (log energy per frame) the same
 way: a model that opens the mouth with loudness more than the truth does is guessing from level,
-not from the phoneme, and the lag of the truth's peak shows where the engine's labels put the
-mouth against the sound. ``--voices`` re-voices the
-split (as the accuracy benchmark's proxies do), to see which articulations an unheard engine
-costs.
+not from the phoneme. ``--voices`` re-voices the split (as the accuracy benchmark's proxies do),
+to see which articulations an unheard engine costs.
 A benchmark: it reports figures and never fails.
 """
 
