@@ -6,10 +6,10 @@ On a procedural corpus on disk (``--data``, made with that ``--size``), prints:
 
 * the split FDD of the test split, divided between the brows (the upper face outside the eyes and
   lips) and the eyes within the upper face;
-* on the val split (training speakers, new sentences) and the test split (unseen speakers and
-  voices), the brows' motion predicted against the truth's: the square root of the ratio of the
-  two FDD statistics (mean over sentences of the per-vertex temporal std of the squared
-  displacement norm), so 1 means as much motion and 0.8 means 0.8 times the amplitude;
+* on the val and the test split (each two held-out speakers, faces and voices), the brows'
+  motion predicted against the truth's: the square root of the ratio of the two FDD statistics
+  (mean over sentences of the per-vertex temporal std of the squared displacement norm), so 1
+  means as much motion and 0.8 means 0.8 times the amplitude;
 * every eighth test sentence animated on each speaker's neutral face: whether the brows'
   amplitude comes from the face or from the audio;
 * the brow gains of the corpus's speakers (its speaking styles), training speakers' mean last.
