@@ -116,15 +116,29 @@ class MeshEncoder(nn.Module):
     """Template (B, V, 3) → region tokens (B, K, dim) through a residual GCN hierarchy."""
 
     def __init__(
-        self, faces: np.ndarray, uv: np.ndarray, dim: int, clusters: tuple[int, ...], blocks: int
+        self,
+        faces: np.ndarray,
+        uv: np.ndarray,
+        dim: int,
+        clusters: tuple[int, ...],
+        blocks: int,
+        fine_dim: int | None = None,
     ) -> None:
+        """``fine_dim`` is the width on the full mesh (default ``dim``); the coarser levels and
+        the tokens have ``dim``."""
         super().__init__()
         edges = mesh_edges(faces)
-        self.input = nn.Linear(3 + 2 + 3, dim)
+        fine_dim = fine_dim or dim
+        self.input = nn.Linear(3 + 2 + 3, fine_dim)
         self.register_buffer("uv", torch.as_tensor(uv, dtype=torch.float32), persistent=False)
         self.sizes = [len(uv)]
         self._register_adjacency(0, edges, len(uv))
-        self.levels = nn.ModuleList([nn.ModuleList(ResidualGCNBlock(dim) for _ in range(blocks))])
+        self.levels = nn.ModuleList(
+            [nn.ModuleList(ResidualGCNBlock(fine_dim) for _ in range(blocks))]
+        )
+        # Applied after the first pooling, where it costs a tenth of what it would on the full
+        # mesh: a linear map commutes with the cluster mean.
+        self.widen = nn.Linear(fine_dim, dim) if fine_dim != dim else nn.Identity()
         points = uv
         for level, count in enumerate(clusters, start=1):
             assignment = farthest_point_clusters(points, count)
@@ -169,7 +183,11 @@ class MeshEncoder(nn.Module):
                 x = cluster_mean(
                     x, getattr(self, f"assignment_{level}"), getattr(self, f"cluster_size_{level}")
                 )
+            if level == 1:
+                x = self.widen(x)
             adjacency = self.adjacency(level)
             for block in blocks:
                 x = block(x, adjacency)
+        if len(self.levels) == 1:
+            x = self.widen(x)
         return x + self.token_position

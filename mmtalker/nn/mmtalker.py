@@ -36,6 +36,10 @@ class MMTalkerConfig(BaseModel):
     dim: int = Field(128, ge=8)
     heads: int = Field(4, ge=1)
     gcn_blocks: int = Field(1, ge=1)
+    #: Width of the GCN on the full mesh (the coarser levels and the tokens have ``dim``). The
+    #: full mesh is where the mesh branch spends its time: 32 instead of 128 makes a training
+    #: step about a quarter faster.
+    fine_dim: int = Field(32, ge=1)
     clusters: tuple[int, ...] = (256, 32)
     temporal_kernel: int = Field(5, ge=1)
     basis: int = Field(64, ge=1)
@@ -88,7 +92,12 @@ class MMTalker(AnimationModel):
         self.register_buffer("lips", lips, persistent=False)
         self.speech = build_speech_encoder(config.speech)
         self.mesh = MeshEncoder(
-            topology.faces, topology.uv, config.dim, config.clusters, config.gcn_blocks
+            topology.faces,
+            topology.uv,
+            config.dim,
+            config.clusters,
+            config.gcn_blocks,
+            config.fine_dim,
         )
         self.fusion = DualCrossAttentionFusion(
             config.dim, config.speech.levels, config.heads, config.temporal_kernel, config.dropout

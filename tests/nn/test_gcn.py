@@ -61,3 +61,29 @@ def test_cluster_mean_is_the_pooling_matrix_product(small_face: tuple) -> None:
     x = torch.randn(3, topology.num_vertices, 5)
     expected = torch.as_tensor(pooling_matrix(assignment, 40)) @ x
     torch.testing.assert_close(cluster_mean(x, torch.as_tensor(assignment), sizes), expected)
+
+
+def test_a_narrow_full_mesh_level_is_widened_to_the_token_width(small_face: tuple) -> None:
+    templates, topology = small_face
+    torch.manual_seed(0)
+    faces = torch.as_tensor(np.stack(list(templates.values()))) * 10
+    encoder = MeshEncoder(topology.faces, topology.uv, 16, (40, 10), blocks=1, fine_dim=4)
+    assert encoder.levels[0][0].conv1.lin.weight.shape == (4, 4)
+    tokens = encoder(faces)
+    assert tokens.shape == (2, 10, 16)
+    tokens.square().sum().backward()
+    assert encoder.input.weight.grad.abs().sum() > 0
+    # Widening after the first pooling is the same map as widening on the full mesh before it.
+    centred = faces
+    scale = centred.norm(dim=-1).amax(dim=1)[:, None, None]
+    uv = encoder.uv.expand(2, -1, -1)
+    x = encoder.input(torch.cat([centred / scale, uv, centred], dim=-1))
+    x = encoder.widen(encoder.levels[0][0](x, encoder.adjacency(0)))
+    for level in (1, 2):
+        x = cluster_mean(
+            x, getattr(encoder, f"assignment_{level}"), getattr(encoder, f"cluster_size_{level}")
+        )
+        x = encoder.levels[level][0](x, encoder.adjacency(level))
+    torch.testing.assert_close(tokens, x + encoder.token_position)
+    flat = MeshEncoder(topology.faces, topology.uv, 16, (), blocks=1, fine_dim=4)
+    assert flat(faces).shape == (2, topology.num_vertices, 16)
