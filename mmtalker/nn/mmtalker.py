@@ -37,8 +37,8 @@ class MMTalkerConfig(BaseModel):
     heads: int = Field(4, ge=1)
     gcn_blocks: int = Field(1, ge=1)
     #: Width of the GCN on the full mesh (the coarser levels and the tokens have ``dim``). The
-    #: full mesh is where the mesh branch spends its time: 32 instead of 128 makes a training
-    #: step about a quarter faster.
+    #: full mesh is where the mesh branch spends its time: 32 instead of 128 takes a bench
+    #: training step from 715 to 580 ms on one thread, and it learns as much per step.
     fine_dim: int = Field(32, ge=1)
     clusters: tuple[int, ...] = (256, 32)
     temporal_kernel: int = Field(5, ge=1)
