@@ -128,7 +128,13 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
         if not (directory / n).is_file()
     ]  # fmt: skip
     if missing:
-        raise CheckpointError(f"{directory} is not a checkpoint: missing {', '.join(missing)}")
+        # A Ray Train checkpoint keeps the model in a subfolder; name it rather than leave the
+        # user to guess.
+        inner = sorted(path.parent for path in directory.glob("*/model.safetensors"))
+        hint = f" ({inner[0]} inside it is one)" if inner else ""
+        raise CheckpointError(
+            f"{directory} is not a checkpoint: missing {', '.join(missing)}{hint}"
+        )
     try:
         info = CheckpointInfo.model_validate_json((directory / "config.json").read_bytes())
     except ValidationError as exc:

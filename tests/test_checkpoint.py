@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,13 @@ def test_broken_checkpoints_give_clear_errors(
     small_model: MMTalker, small_face: tuple, tmp_path: Path
 ) -> None:
     with pytest.raises(CheckpointError, match="missing"):
+        load_checkpoint(tmp_path)
+    # The folder above a checkpoint (a Ray Train checkpoint's) names the one inside it.
+    save_checkpoint(tmp_path / "model", small_model, small_face[0], 30.0, 16000)
+    with pytest.raises(
+        CheckpointError,
+        match=rf"missing .*\({re.escape(str(tmp_path / 'model'))} inside it is one\)",
+    ):
         load_checkpoint(tmp_path)
     save_checkpoint(tmp_path, small_model, small_face[0], 30.0, 16000)
     config = json.loads((tmp_path / "config.json").read_text())

@@ -49,7 +49,7 @@ def run_command(
     scores = {k.removeprefix("test_"): v for k, v in outcome.test_metrics.items()}
     typer.echo(f"test  {format_scores(scores)}  (on {version.tested_on})")
     typer.echo(f"MLflow       {redact_text(outcome.tracking_uri)} (run {outcome.run_id})")
-    typer.echo(f"checkpoint   {outcome.checkpoint}")
+    typer.echo(f"model        {outcome.model} (--checkpoint of evaluate, render, animate)")
     typer.echo(f"Ray's logs   {session_logs()} (workers and actors)")
 
 

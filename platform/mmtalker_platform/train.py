@@ -75,6 +75,8 @@ class TrainingOutcome(BaseModel):
     run_id: str
     tracking_uri: str
     checkpoint: str
+    #: The model folder inside ``checkpoint``: what ``--checkpoint`` of the CLI commands takes.
+    model: str
     epochs: int
     resumes: int
     test_metrics: dict[str, float]
@@ -310,6 +312,7 @@ def run_training(spec: TrainJobSpec, settings: PlatformSettings | None = None) -
         run_id=run_id,
         tracking_uri=tracking_uri,
         checkpoint=_uri(result.checkpoint),
+        model=f"{_uri(result.checkpoint)}/{MODEL_DIR}",
         epochs=int(result.metrics.get("epoch", 0)),
         resumes=int(result.metrics.get("resumes", 0)),
         test_metrics=test,

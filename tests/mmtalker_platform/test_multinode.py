@@ -163,6 +163,10 @@ def test_training_spans_two_nodes_and_survives_a_killed_worker_with_s3_checkpoin
     assert any(
         "/checkpoint_" in k and k.endswith("model/model.safetensors") for k in run.checkpoint_keys
     )
+    # The model folder the job reports is the registered checkpoint's, on S3.
+    bucket, key = run.outcome.model.removeprefix("s3://").split("/", 1)
+    assert run.spec.checkpoint.storage.startswith(f"s3://{bucket}/")
+    assert f"{key}/model.safetensors" in run.checkpoint_keys
 
 
 def test_the_driver_tells_the_story_and_mlflow_keeps_the_run_without_secrets(

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from mmtalker.checkpoint import load_checkpoint
 from mmtalker_platform import registry
 from mmtalker_platform.jobs import JobError, submit
 from mmtalker_platform.redaction import REDACTED
@@ -153,6 +154,9 @@ def test_ray_job_submit_never_leaves_results_in_the_unpacked_working_dir(
     done = _run(project, *raw, "--runtime-env-json", env, *entrypoint)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert list(work_dir.glob("ray_results/raw/checkpoint_*/model/model.safetensors"))
+    # The model folder it prints is one the CLI's --checkpoint options load.
+    printed = next(line for line in done.stdout.splitlines() if line.startswith("model "))
+    assert load_checkpoint(printed.split()[1]).model.kind == "mmtalker"
     # The job's log is a short story; Ray's own logs are in a file it names.
     assert "epoch 1/1: train loss" in done.stdout
     assert f"logs         {work_dir}/logs/" in done.stdout
