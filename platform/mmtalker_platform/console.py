@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,9 +25,9 @@ from mmtalker_platform.settings import PlatformSettings
 
 
 def route_logs(settings: PlatformSettings, name: str) -> Path | None:
-    """Unless verbose: Python logging and warnings to ``WORK/logs/NAME-TIME.log`` instead of the
-    terminal, and Ray Data's and MLflow's progress bars off; returns the file (None when
-    verbose)."""
+    """Unless verbose: Python logging, warnings and whatever native code writes to file
+    descriptor 2 go to ``WORK/logs/NAME-TIME.log`` instead of the terminal, and Ray Data's and
+    MLflow's progress bars are off; returns the file (None when verbose)."""
     if settings.verbose:
         return None
     folder = settings.work_dir.resolve() / "logs"
@@ -48,6 +49,14 @@ def route_logs(settings: PlatformSettings, name: str) -> Path | None:
             logger.addHandler(handler)
     logging.getLogger().setLevel(logging.INFO)
     logging.captureWarnings(True)
+    # Ray's C++ core runs in this process too and writes its errors straight to file
+    # descriptor 2 (a Ray Data actor pool always draws one about restarting actors). That
+    # descriptor goes to the log; Python's stderr (errors, progress bars) keeps the terminal.
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    with path.open("ab") as log:
+        os.dup2(log.fileno(), 2)
+    sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding="utf-8", errors="replace")
     ray.data.DataContext.get_current().enable_progress_bars = False
     # MLflow reads it at each download: no bar per registry model an animation job loads.
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"

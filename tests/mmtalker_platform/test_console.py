@@ -20,6 +20,8 @@ path = route_logs(PlatformSettings(work_dir=sys.argv[1], verbose=sys.argv[2] == 
 logging.getLogger("ray.data").info("ray data says hello")
 logging.getLogger("mlflow").warning("mlflow says hello")
 warnings.warn("a library warns")
+os.write(2, b"native code says hello\\n")  # as Ray's C++ core does
+print("python stderr stays", file=sys.stderr)
 with stage("reading"):
     pass
 print(path, ray.data.DataContext.get_current().enable_progress_bars, default)
@@ -43,12 +45,17 @@ def test_library_logs_go_to_a_file_unless_verbose(tmp_path: Path) -> None:
     assert Path(log_file).parent == tmp_path / "work" / "logs" and bars == "False"
     assert mlflow_bars == "false"
     assert "hello" not in quiet.stderr and "warns" not in quiet.stderr
+    assert "python stderr stays" in quiet.stderr
     logged = Path(log_file).read_text()
-    assert all(text in logged for text in ("ray data says", "mlflow says", "a library warns"))
+    assert all(
+        text in logged
+        for text in ("ray data says", "mlflow says", "a library warns", "native code says")
+    )
 
     verbose = _run(tmp_path / "loud", verbose=True)
     # Verbose leaves Ray Data's own choice (it turns bars off by itself on CI terminals).
     path, bars, default = verbose.stdout.splitlines()[-2].split()
     assert path == "None" and bars == default
     assert "ray data says hello" in verbose.stderr and "mlflow says hello" in verbose.stderr
+    assert "native code says hello" in verbose.stderr
     assert not (tmp_path / "loud").exists()
