@@ -63,11 +63,13 @@ def motion_losses(
     """
     # Counts stay in float32 even under bf16 autocast, where 701 frames would round to 700.
     mask = frame_mask[..., None].float()
-    squared = ((pred - target) ** 2).sum(-1)
+    error = pred - target
+    squared = error.square().sum(-1)
     frames = mask.sum().clamp_min(1.0)
     position = (squared * mask * point_weights[..., None, :]).sum() / (frames * pred.shape[2])
     both = (frame_mask[:, 1:] & frame_mask[:, :-1])[..., None].float()
-    speed_error = ((pred.diff(dim=1) - target.diff(dim=1)) ** 2).sum(-1)
+    # The velocity error is the error's own frame difference: one difference, not two.
+    speed_error = error.diff(dim=1).square().sum(-1)
     steps = both.sum().clamp_min(1.0)
     velocity = (speed_error * both * point_weights[..., None, :]).sum() / (steps * pred.shape[2])
     if lips.any():
