@@ -62,7 +62,13 @@ from mmtalker.eval.metrics import MetricAccumulator
 from mmtalker.geometry.uv import attach_uv
 from mmtalker.nn.base import AnimationModel
 from mmtalker.nn.mmtalker import MMTalker
-from mmtalker.training import TrainConfig, fit, predictions
+from mmtalker.training import (
+    TrainConfig,
+    fit,
+    model_for_dataset,
+    predictions,
+    training_templates,
+)
 
 KINDS = ("mmtalker", "faceformer")
 #: Peak learning rate per model (see the module docstring for how they were chosen).
@@ -154,14 +160,12 @@ def train_one(
     """Worker: train one model within the budget, keep the best on val, save it with history."""
     torch.set_num_threads(1)
     dataset = open_dataset(str(data))
-    templates = {s: dataset.templates[s] for s in dataset.manifest.splits["train"].speakers}
-    topology = attach_uv(dataset.topology, np.mean(list(templates.values()), axis=0))
     config = TrainConfig(
         epochs=EPOCHS, time_budget_s=budget_minutes * 60, validations=validations, device="cpu",
         seed=seed, learning_rate=learning_rate, augment=augment,
     )  # fmt: skip
     torch.manual_seed(seed)
-    model = build_model(kind, {}, topology, templates)
+    model = model_for_dataset(kind, {}, dataset, config.losses)
     last = time.perf_counter()
 
     def progress(step: int, total: int, logs: dict[str, float]) -> None:
@@ -174,8 +178,8 @@ def train_one(
     history = fit(model, dataset, config, progress)
     info = {"history": history, "wall_seconds": time.perf_counter() - started}
     save_checkpoint(
-        out, model, templates, dataset.manifest.fps, dataset.manifest.sample_rate,
-        {"dataset": str(data), "train": config.model_dump(), **info},
+        out, model, training_templates(dataset), dataset.manifest.fps,
+        dataset.manifest.sample_rate, {"dataset": str(data), "train": config.model_dump(), **info},
     )  # fmt: skip
 
 

@@ -58,10 +58,10 @@ def train_one(data: Path, out: Path, budget_minutes: float, seed: int) -> None:
     torch.set_num_threads(1)
     dataset = open_dataset(str(data))
     torch.manual_seed(seed)
-    model = model_for_dataset("mmtalker", {}, dataset)
     config = TrainConfig(
         epochs=100_000, time_budget_s=budget_minutes * 60, validations=4, device="cpu", seed=seed
     )
+    model = model_for_dataset("mmtalker", {}, dataset, config.losses)
     history = fit(model, dataset, config)
     save_checkpoint(
         out, model, training_templates(dataset), dataset.manifest.fps,

@@ -20,7 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch.optim.swa_utils import AveragedModel
 
-from mmtalker.checkpoint import build_model
+from mmtalker.checkpoint import MODELS, build_model
 from mmtalker.data.augment import AugmentConfig
 from mmtalker.data.batch import Batch, collate
 from mmtalker.data.grouping import length_batches
@@ -91,12 +91,19 @@ def training_templates(dataset: Dataset) -> dict[str, np.ndarray]:
     return {s: dataset.templates[s] for s in dataset.manifest.splits["train"].speakers}
 
 
-def model_for_dataset(kind: str, config: dict[str, Any], dataset: Dataset) -> AnimationModel:
+def model_for_dataset(
+    kind: str, config: dict[str, Any], dataset: Dataset, losses: LossConfig | None = None
+) -> AnimationModel:
     """A fresh model for a dataset's topology and training speakers.
 
     A topology stored without a UV chart gets one, computed on the training speakers' mean
-    face (deterministic, so every distributed worker builds the same model).
+    face (deterministic, so every distributed worker builds the same model). With a phone loss
+    (``losses.phones``) and a dataset with phone labels, the speech encoder gets a phone readout.
     """
+    phones = dataset.manifest.phone_names
+    speech = kind in MODELS and "speech" in MODELS[kind].config_class.model_fields
+    if losses is not None and losses.phones > 0 and phones and speech:
+        config = {**config, "speech": {**config.get("speech", {}), "phone_classes": len(phones)}}
     templates = training_templates(dataset)
     topology = dataset.topology
     if topology.uv is None:

@@ -1,6 +1,9 @@
+import math
+
+import pytest
 import torch
 
-from mmtalker.losses import LossConfig, combined_loss, motion_losses
+from mmtalker.losses import LossConfig, combined_loss, motion_losses, phone_loss
 
 
 def test_motion_losses_by_hand() -> None:
@@ -35,3 +38,13 @@ def test_lip_max_is_zero_without_lip_points() -> None:
     mask = torch.ones(1, 2, dtype=torch.bool)
     parts = motion_losses(pred, target, mask, torch.ones(3), torch.zeros(3, dtype=torch.bool))
     assert parts.lip_max.item() == 0.0 and parts.position.item() == 3.0
+
+
+def test_phone_loss_by_hand() -> None:
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 0, 2] = math.log(3.0)  # frame 0: class 2 gets 3 of 6 parts of the probability
+    phones = torch.tensor([[2, 0, -1]])  # frame 1: uniform over 4 classes; frame 2 unlabelled
+    expected = (-math.log(0.5) - math.log(0.25)) / 2
+    assert phone_loss(logits, phones).item() == pytest.approx(expected)
+    assert phone_loss(logits, None).item() == 0.0
+    assert phone_loss(logits, torch.full((1, 3), -1)).item() == 0.0

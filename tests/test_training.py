@@ -9,6 +9,7 @@ from mmtalker.data.batch import Batch, collate
 from mmtalker.data.shards import open_dataset
 from mmtalker.errors import MMTalkerError
 from mmtalker.geometry.uv import attach_uv
+from mmtalker.losses import LossConfig
 from mmtalker.nn.mmtalker import MMTalkerConfig
 from mmtalker.training import (
     TrainConfig,
@@ -17,6 +18,7 @@ from mmtalker.training import (
     displacement_scale,
     evaluate,
     fit,
+    model_for_dataset,
 )
 
 
@@ -119,3 +121,21 @@ def test_a_resumed_trainer_continues_the_weights_and_their_average(
         _fixed_batch_trainer(tiny_corpus, small_model, weight_average=0.9)[0].load_state_dict(
             plain.state_dict()
         )
+
+
+def test_a_phone_loss_gives_models_of_labelled_corpora_a_phone_readout(
+    tiny_corpus: str, small_config: MMTalkerConfig
+) -> None:
+    dataset = open_dataset(tiny_corpus)
+    configs = {
+        "mmtalker": small_config.model_dump(),
+        "faceformer": {"speech": {"dim": 32, "levels": 2, "n_mels": 32}, "dim": 32, "heads": 2},
+    }
+    for kind, config in configs.items():
+        model = model_for_dataset(kind, config, dataset, LossConfig(phones=0.2))
+        assert model.config.speech.phone_classes == len(dataset.manifest.phone_names)
+        assert model_for_dataset(kind, config, dataset, LossConfig()).phone_readout is None
+    # A corpus without phone labels trains without the readout, phone loss or not.
+    dataset.manifest = dataset.manifest.model_copy(update={"phone_names": []})
+    model = model_for_dataset("mmtalker", configs["mmtalker"], dataset, LossConfig(phones=0.2))
+    assert model.phone_readout is None

@@ -212,6 +212,7 @@ def _print_info(uri: str, verify: bool = False) -> None:
         f"mesh      {topo.num_vertices} vertices, {topo.num_faces} faces, topology {topo.id}",
         f"regions   {regions}; UV chart: {'yes' if topo.has_uv else 'no'}",
         f"speakers  {len(m.speakers)}: {', '.join(m.speakers)}",
+        f"per frame {len(m.control_names)} rig controls, {len(m.phone_names)} phone classes",
         f"shards    {len(m.shards)} ({sum(s.bytes for s in m.shards) / 2**20:.1f} MiB)"
         + ("; checksums verified" if verify else ""),
         f"{'split':<6} {'speakers':>8} {'sentences':>9} {'sequences':>9} {'minutes':>8} "

@@ -67,7 +67,7 @@ def train(
     }  # fmt: skip
     train_config = TrainConfig.model_validate({**settings.get("train", {}), **overrides})
     dataset = open_dataset(data)
-    network = model_for_dataset(model, settings.get("model", {}), dataset)
+    network = model_for_dataset(model, settings.get("model", {}), dataset, train_config.losses)
     train_templates = training_templates(dataset)
     bar = tqdm(desc=f"train {model}", unit="step", file=sys.stderr, dynamic_ncols=True)
 

@@ -60,10 +60,12 @@ class AugmentConfig(BaseModel):
 
 @dataclass(frozen=True)
 class Crop:
-    """Aligned training material: audio samples and the face frames (T, V, 3) they drive."""
+    """Aligned training material: audio samples, the face frames (T, V, 3) they drive and, when
+    known, the phone class of each frame (T,)."""
 
     audio: np.ndarray
     frames: np.ndarray
+    phones: np.ndarray | None = None
 
 
 def speed_factor(config: AugmentConfig, rng: np.random.Generator) -> float:
@@ -77,7 +79,7 @@ def retime(crop: Crop, factor: float, num_frames: int, samples_per_frame: float)
     """Play ``crop`` ``factor`` times faster: ``num_frames`` frames and their audio samples.
 
     Frames and audio are resampled linearly on one time axis, so a phoneme and the mouth shape it
-    drives move together.
+    drives move together; phone labels, being classes, take the nearest frame's.
     """
     frames, audio = crop.frames, crop.audio
     times = np.arange(num_frames) * factor
@@ -89,7 +91,8 @@ def retime(crop: Crop, factor: float, num_frames: int, samples_per_frame: float)
     length = min(round(num_frames * samples_per_frame), int(len(audio) / factor))
     positions = np.arange(length) * factor
     samples = np.interp(positions, np.arange(len(audio)), audio).astype(np.float32)
-    return Crop(samples, retimed.astype(np.float32))
+    phones = None if crop.phones is None else crop.phones[np.rint(index).astype(int)]
+    return Crop(samples, retimed.astype(np.float32), phones)
 
 
 def augment_audio(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ class Batch:
     frame_lengths: Tensor  # (B,) long
     templates: Tensor  # (B, V, 3)
     speakers: Tensor  # (B,) long index into the model's training speakers, -1 if unknown
+    #: (B, T) long phone class per frame, -1 where unknown or padding; None when no sequence
+    #: of the batch has phone labels.
+    phones: Tensor | None = None
 
     @property
     def num_frames(self) -> int:
@@ -37,7 +40,8 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         """The same batch on another device."""
-        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Batch(**{k: v if v is None else v.to(device) for k, v in moved.items()})
 
 
 def collate(
@@ -67,33 +71,39 @@ def collate(
             frames = window
         a0 = round(start * per_frame)
         a1 = min(len(seq.audio), round((start + frames) * per_frame))
-        crop = Crop(seq.audio[a0:a1], seq.vertices[start : start + frames])
+        phones = None if seq.phones is None else seq.phones[start : start + frames]
+        crop = Crop(seq.audio[a0:a1], seq.vertices[start : start + frames], phones)
         if factor != 1.0:
             length = min(max_frames or frames, int(frames / factor))
             crop = retime(crop, factor, max(length, 1), per_frame)
-        crops.append((seq, crop.frames, crop.audio))
+        crops.append((seq, crop))
     if augment is not None and augment.enabled:
-        clean = [audio for _, _, audio in crops]
-        for row, (seq, frames, audio) in enumerate(crops):
+        clean = [crop.audio for _, crop in crops]
+        for row, (seq, crop) in enumerate(crops):
             # Background talk for the noise effect: another crop of the same batch.
             babble = clean[(row + 1) % len(clean)] if len(clean) > 1 else None
-            noisy = augment_audio(audio, seq.sample_rate, augment, rng, babble)
-            crops[row] = (seq, frames, noisy)
-    num_frames = max(v.shape[0] for _, v, _ in crops)
-    num_samples = max(len(a) for _, _, a in crops)
-    num_vertices = crops[0][1].shape[1]
+            noisy = augment_audio(crop.audio, seq.sample_rate, augment, rng, babble)
+            crops[row] = (seq, replace(crop, audio=noisy))
+    num_frames = max(len(crop.frames) for _, crop in crops)
+    num_samples = max(len(crop.audio) for _, crop in crops)
+    num_vertices = crops[0][1].frames.shape[1]
     audio = np.zeros((len(crops), num_samples), np.float32)
     disp = np.zeros((len(crops), num_frames, num_vertices, 3), np.float32)
     tmpl = np.zeros((len(crops), num_vertices, 3), np.float32)
-    for row, (seq, verts, samples) in enumerate(crops):
-        audio[row, : len(samples)] = samples
+    phones = np.full((len(crops), num_frames), -1, np.int64)
+    for row, (seq, crop) in enumerate(crops):
+        audio[row, : len(crop.audio)] = crop.audio
         tmpl[row] = templates[seq.speaker]
-        disp[row, : len(verts)] = verts - tmpl[row]
+        disp[row, : len(crop.frames)] = crop.frames - tmpl[row]
+        if crop.phones is not None:
+            phones[row, : len(crop.phones)] = crop.phones
+    labelled = any(crop.phones is not None for _, crop in crops)
     return Batch(
         audio=torch.from_numpy(audio),
-        audio_lengths=torch.tensor([len(a) for _, _, a in crops]),
+        audio_lengths=torch.tensor([len(crop.audio) for _, crop in crops]),
         displacements=torch.from_numpy(disp),
-        frame_lengths=torch.tensor([len(v) for _, v, _ in crops]),
+        frame_lengths=torch.tensor([len(crop.frames) for _, crop in crops]),
         templates=torch.from_numpy(tmpl),
-        speakers=torch.tensor([speaker_index.get(seq.speaker, -1) for seq, _, _ in crops]),
+        speakers=torch.tensor([speaker_index.get(seq.speaker, -1) for seq, _ in crops]),
+        phones=torch.from_numpy(phones) if labelled else None,
     )

@@ -162,6 +162,8 @@ class Sequence:
 
     ``controls`` (T, C), when the corpus has them, are the rig weights per frame that made the
     vertices (e.g. ARKit blendshape weights; their names are in the dataset manifest).
+    ``phones`` (T,), when the corpus knows them, are the phone class spoken at each frame
+    (indices into the manifest's ``phone_names``).
     """
 
     sequence_id: str
@@ -173,6 +175,7 @@ class Sequence:
     fps: float
     text: str = ""
     controls: np.ndarray | None = None
+    phones: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         audio = np.ascontiguousarray(self.audio, dtype=np.float32)
@@ -201,6 +204,16 @@ class Sequence:
             if not np.isfinite(controls).all():
                 raise DatasetError(f"{self.sequence_id}: controls contain NaN or infinity")
             object.__setattr__(self, "controls", controls)
+        if self.phones is not None:
+            phones = np.asarray(self.phones)
+            if phones.shape != (len(vertices),) or not np.issubdtype(phones.dtype, np.integer):
+                raise DatasetError(
+                    f"{self.sequence_id}: phones must be {len(vertices)} integer classes, one per "
+                    f"frame, got {phones.dtype} {phones.shape}"
+                )
+            if phones.size and phones.min() < 0:
+                raise DatasetError(f"{self.sequence_id}: phone classes must be >= 0")
+            object.__setattr__(self, "phones", phones.astype(np.int16))
 
     @property
     def num_frames(self) -> int:

@@ -8,8 +8,9 @@ Layout of a dataset folder (or prefix)::
     {split}-{n:05d}.parquet sequences, one row each
 
 ``dataset.json`` is written last, so a folder without it is an unfinished dataset. Schema 2 adds
-per-frame rig controls (e.g. ARKit weights, named by ``control_names``) to each row; schema 1
-datasets (no controls) are still read.
+per-frame rig controls (e.g. ARKit weights, named by ``control_names``) to each row, schema 3
+per-frame phone classes (named by ``phone_names``); datasets of older schemas (without them) are
+still read.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from mmtalker.data.sequence import Sequence, Topology, displacement_squares
 from mmtalker.errors import DatasetError, MMTalkerError
 from mmtalker.storage import S3Settings
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MANIFEST = "dataset.json"
 TOPOLOGY_FILE = "topology.npz"
 TEMPLATES_FILE = "templates.npz"
@@ -56,10 +57,15 @@ SHARD_SCHEMA = pa.schema(
         ("vertices", pa.large_list(pa.float32())),
         ("num_controls", pa.int32()),
         ("controls", pa.large_list(pa.float32())),
+        ("phones", pa.large_list(pa.int16())),
     ]
 )
-#: Columns schema 1 shards lack; rows without them have no controls.
-_OPTIONAL_COLUMNS = frozenset({"num_controls", "controls"})
+#: Columns older schemas' shards lack; rows without them have no controls or phones.
+_OPTIONAL_COLUMNS = frozenset({"num_controls", "controls", "phones"})
+#: Flattened array columns and the dtype of their values.
+_ARRAY_COLUMNS = {
+    "audio": np.float32, "vertices": np.float32, "controls": np.float32, "phones": np.int16,
+}  # fmt: skip
 
 
 class FileRef(BaseModel):
@@ -98,7 +104,7 @@ class TopologyInfo(FileRef):
 class DatasetManifest(BaseModel):
     """The content of ``dataset.json``."""
 
-    schema_version: Literal[1, 2]
+    schema_version: Literal[1, 2, 3]
     name: str
     source: str
     created_by: str
@@ -111,6 +117,8 @@ class DatasetManifest(BaseModel):
     shards: list[ShardInfo]
     #: Names of the per-frame controls stored with every sequence (empty: none).
     control_names: list[str] = []
+    #: Names of the phone classes of the per-frame phone labels (empty: none).
+    phone_names: list[str] = []
     extra: dict[str, Any] = {}
 
     @property
@@ -145,22 +153,21 @@ def sequences_to_table(sequences: list[Sequence], split: str, topology_id: str) 
         controls = seq.controls if seq.controls is not None else np.zeros((seq.num_frames, 0))
         columns["num_controls"].append(controls.shape[1])
         columns["controls"].append(controls.reshape(-1))
+        columns["phones"].append(seq.phones if seq.phones is not None else np.zeros(0))
     arrays = [
-        _flat_list_array(columns[name])
-        if name in ("audio", "vertices", "controls")
+        _flat_list_array(columns[name], _ARRAY_COLUMNS[name])
+        if name in _ARRAY_COLUMNS
         else pa.array(columns[name])
         for name in SHARD_SCHEMA.names
     ]
     return pa.Table.from_arrays(arrays, schema=SHARD_SCHEMA)
 
 
-def _flat_list_array(chunks: list[np.ndarray]) -> pa.LargeListArray:
+def _flat_list_array(chunks: list[np.ndarray], dtype: type[np.generic]) -> pa.LargeListArray:
     # Building from one concatenated buffer avoids pyarrow's per-element Python conversion.
     offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
     np.cumsum([c.size for c in chunks], out=offsets[1:])
-    values = (
-        np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
-    )
+    values = np.concatenate(chunks).astype(dtype, copy=False) if chunks else np.zeros(0, dtype)
     return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
@@ -171,7 +178,7 @@ def table_to_sequences(table: pa.Table) -> list[Sequence]:
         raise DatasetError(f"shard rows lack the columns {sorted(missing)}; not an mmtalker shard")
     table = table.combine_chunks()
     arrays = {}
-    for name in ("audio", "vertices", "controls"):
+    for name in _ARRAY_COLUMNS:
         if name not in table.column_names:
             continue
         column = table.column(name)
@@ -184,23 +191,23 @@ def table_to_sequences(table: pa.Table) -> list[Sequence]:
     meta = table.select(names).to_pylist()
     out = []
     for i, row in enumerate(meta):
-        audio, verts, *rest = (
-            values[offsets[i] : offsets[i + 1]] for offsets, values in arrays.values()
-        )
+        values = {name: flat[start[i] : start[i + 1]] for name, (start, flat) in arrays.items()}
         controls = None
-        if rest and row["num_controls"]:
-            controls = rest[0].reshape(row["num_frames"], row["num_controls"])
+        if "controls" in values and row["num_controls"]:
+            controls = values["controls"].reshape(row["num_frames"], row["num_controls"])
+        phones = values.get("phones")
         out.append(
             Sequence(
                 sequence_id=row["sequence_id"],
                 speaker=row["speaker"],
                 sentence_id=row["sentence_id"],
                 text=row["text"],
-                audio=audio,
+                audio=values["audio"],
                 sample_rate=row["sample_rate"],
-                vertices=verts.reshape(row["num_frames"], row["num_vertices"], 3),
+                vertices=values["vertices"].reshape(row["num_frames"], row["num_vertices"], 3),
                 fps=row["fps"],
                 controls=controls,
+                phones=phones if phones is not None and phones.size else None,
             )
         )
     return out
@@ -237,9 +244,11 @@ class DatasetWriter:
         extra: dict[str, Any] | None = None,
         s3: S3Settings | None = None,
         control_names: list[str] | None = None,
+        phone_names: list[str] | None = None,
     ) -> None:
         self.uri = uri
         self._control_names = list(control_names or [])
+        self._phone_names = list(phone_names or [])
         self._s3 = s3
         manifest_uri = storage.join(uri, MANIFEST)
         if storage.exists(manifest_uri, s3):
@@ -282,6 +291,14 @@ class DatasetWriter:
             raise DatasetError(
                 f"{sequence.sequence_id} has {controls} controls per frame, this dataset names "
                 f"{len(self._control_names)}"
+            )
+        if (sequence.phones is not None) != bool(self._phone_names) or (
+            sequence.phones is not None and sequence.phones.max() >= len(self._phone_names)
+        ):
+            raise DatasetError(
+                f"{sequence.sequence_id}: its phone labels do not fit this dataset's "
+                f"{len(self._phone_names)} phone names; label every sequence with classes "
+                "0..len(phone_names)-1, or none"
             )
         if abs(sequence.fps - self._fps) > 1e-6 or sequence.sample_rate != self._sample_rate:
             raise DatasetError(
@@ -374,6 +391,7 @@ class DatasetWriter:
             splits={k: self._splits[k] for k in SPLITS if k in self._splits},
             shards=self._shards,
             control_names=self._control_names,
+            phone_names=self._phone_names,
             extra=self._extra,
         )
         storage.write_bytes(

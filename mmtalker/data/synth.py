@@ -36,6 +36,7 @@ from mmtalker.data.festival import FestivalSynthesizer
 from mmtalker.data.flite import FliteSynthesizer
 from mmtalker.data.sequence import Sequence
 from mmtalker.data.shards import DatasetManifest, DatasetWriter
+from mmtalker.data.visemes import PHONES, frame_phones
 from mmtalker.errors import DatasetError
 from mmtalker.storage import S3Settings
 
@@ -419,6 +420,7 @@ def synthesize_corpus(
         extra=extra,
         s3=s3,
         control_names=face.control_names,
+        phone_names=list(PHONES),
     )
     done = 0
     index_of = {s.id: i for i, s in enumerate(make_speakers(config))}
@@ -439,6 +441,7 @@ def synthesize_corpus(
                     vertices=vertices,
                     fps=config.fps,
                     controls=controls,
+                    phones=frame_phones(utterance.phonemes, len(vertices), config.fps),
                 ),
                 speaker.split,
             )

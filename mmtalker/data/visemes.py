@@ -81,6 +81,11 @@ _CONSONANTS: dict[str, tuple[float, float, float, float, float]] = {
     "ʔ": (0.1, 0.0, 0.0, 0.0, 0.0),
 }
 
+#: Phone classes of the per-frame phone labels a corpus stores: pause, every vowel and consonant
+#: with a viseme entry, and ``other`` for symbols without one.
+PHONES = ("pause", *_VOWELS, *_CONSONANTS, "other")
+_PHONE_INDEX = {name: index for index, name in enumerate(PHONES)}
+
 _REST = np.zeros(len(SPEECH_CHANNELS))
 _STRIP = str.maketrans("", "", "ˈˌːˑ̩̃-'")
 # Dominance of a phoneme over each channel: lips win for bilabials/labiodentals, vowels own
@@ -104,25 +109,48 @@ def is_vowel(symbol: str) -> bool:
 
 def is_known(symbol: str) -> bool:
     """Whether a phoneme symbol has its own viseme (a pause, or a vowel or consonant entry)."""
-    if is_pause(symbol):
-        return True
+    return is_pause(symbol) or _entry(symbol) is not None
+
+
+def _entry(symbol: str) -> str | None:
+    """The vowel or consonant table key a non-pause symbol maps to (None: no entry)."""
     clean = symbol.translate(_STRIP)
-    return any(key in _VOWELS or key in _CONSONANTS for key in (clean, clean[:2], clean[:1]) if key)
+    for key in (clean, clean[:2], clean[:1]):
+        if key in _VOWELS or key in _CONSONANTS:
+            return key
+    return None
 
 
 def viseme(symbol: str) -> tuple[np.ndarray, np.ndarray]:
     """Target (per channel) and dominance (per channel) for one IPA phoneme symbol."""
     if is_pause(symbol):
         return _REST, _PAUSE
-    clean = symbol.translate(_STRIP)
-    for key in (clean, clean[:2], clean[0]):
-        if key in _VOWELS:
-            return np.array([*_VOWELS[key], 0.0, 0.0]), _VOWEL
-        if key in _CONSONANTS:
-            target = np.array(_CONSONANTS[key])
-            lips = target[3] > 0 or target[4] > 0
-            return target, _STRONG_LIPS if lips else _CONSONANT
+    key = _entry(symbol)
+    if key in _VOWELS:
+        return np.array([*_VOWELS[key], 0.0, 0.0]), _VOWEL
+    if key in _CONSONANTS:
+        target = np.array(_CONSONANTS[key])
+        lips = target[3] > 0 or target[4] > 0
+        return target, _STRONG_LIPS if lips else _CONSONANT
     return np.array([0.3, 0.0, 0.0, 0.0, 0.0]), _CONSONANT
+
+
+def phone_class(symbol: str) -> int:
+    """Index in :data:`PHONES` of a phoneme symbol: its table entry, pause, or ``other``."""
+    if is_pause(symbol):
+        return 0
+    key = _entry(symbol)
+    return _PHONE_INDEX[key] if key is not None else len(PHONES) - 1
+
+
+def frame_phones(phonemes: Sequence[Phoneme], num_frames: int, fps: float) -> np.ndarray:
+    """Phone class (int16, :data:`PHONES`) of each frame: the phoneme spoken at its centre;
+    frames no phoneme covers (leading and trailing silence) are pauses."""
+    times = (np.arange(num_frames) + 0.5) / fps
+    labels = np.zeros(num_frames, np.int16)
+    for ph in phonemes:
+        labels[(times >= ph.start) & (times < ph.end)] = phone_class(ph.symbol)
+    return labels
 
 
 def articulation_curves(

@@ -19,9 +19,15 @@ from torch import Tensor, nn
 from mmtalker.data.batch import Batch
 from mmtalker.data.sequence import Topology
 from mmtalker.errors import MMTalkerError, TemplateError
-from mmtalker.losses import LossConfig, combined_loss, motion_losses, vertex_weights
+from mmtalker.losses import (
+    LossConfig,
+    combined_loss,
+    motion_losses,
+    phone_loss,
+    vertex_weights,
+)
 from mmtalker.nn.base import AnimationModel, check_attention_widths
-from mmtalker.nn.speech import SpeechConfig, build_speech_encoder
+from mmtalker.nn.speech import SpeechConfig, build_speech_encoder, phone_readout
 
 #: Dilated blocks per speech level of the baseline (the shared encoder's default is 1).
 BASELINE_SPEECH_BLOCKS = 3
@@ -118,6 +124,7 @@ class FaceFormer(AnimationModel):
         self.num_vertices = topology.num_vertices
         values = self.num_vertices * 3
         self.speech = build_speech_encoder(config.speech)
+        self.phone_readout = phone_readout(config.speech)
         self.audio_map = nn.Linear(config.dim, config.dim)
         self.style_embedding = nn.Embedding(len(self.speakers), config.dim)
         self.motion_encoder = nn.Linear(values, config.dim)
@@ -188,9 +195,11 @@ class FaceFormer(AnimationModel):
         return self.motion_decoder(hidden).unflatten(-1, (self.num_vertices, 3))
 
     def training_loss(self, batch: Batch, losses: LossConfig) -> tuple[Tensor, dict[str, float]]:
-        """Position and velocity loss of teacher-forced predictions over every vertex."""
+        """Position and velocity loss of teacher-forced predictions over every vertex, plus the
+        phone loss when the speech encoder has a phone readout."""
         target = batch.displacements / self.displacement_scale
-        features = self.audio_features(batch.audio, batch.num_frames, batch.audio_lengths)
+        levels = self.speech(batch.audio, batch.num_frames, batch.audio_lengths)
+        features = self.audio_map(levels[-1])
         pred = self.teacher_forced(features, target, self.styles(batch.speakers, len(target)))
         weights = torch.as_tensor(
             vertex_weights(self.topology, losses.region_weights), device=pred.device
@@ -201,7 +210,11 @@ class FaceFormer(AnimationModel):
         loss = combined_loss(parts, losses)
         logs = {"loss": loss, "position": parts.position, "velocity": parts.velocity,
                 "lip_max": parts.lip_max}  # fmt: skip
-        return loss, {name: float(value.detach()) for name, value in logs.items()}
+        objective = loss
+        if self.phone_readout is not None:
+            logs["phones"] = phone_loss(self.phone_readout(levels), batch.phones)
+            objective = loss + losses.phones * logs["phones"]
+        return objective, {name: float(value.detach()) for name, value in logs.items()}
 
     def prepare(
         self, templates: Tensor, speakers: Tensor | None = None, points: object = None

@@ -16,12 +16,18 @@ from mmtalker.data.sequence import Topology
 from mmtalker.errors import TemplateError
 from mmtalker.geometry.sampling import SurfaceSampler
 from mmtalker.geometry.uv import barycentric_interpolate, face_areas
-from mmtalker.losses import LossConfig, combined_loss, motion_losses, vertex_weights
+from mmtalker.losses import (
+    LossConfig,
+    combined_loss,
+    motion_losses,
+    phone_loss,
+    vertex_weights,
+)
 from mmtalker.nn.base import AnimationModel, check_attention_widths
 from mmtalker.nn.fusion import DualCrossAttentionFusion
 from mmtalker.nn.gcn import MeshEncoder
 from mmtalker.nn.head import UVRegressionHead
-from mmtalker.nn.speech import SpeechConfig, build_speech_encoder
+from mmtalker.nn.speech import SpeechConfig, build_speech_encoder, phone_readout
 
 #: Metres to model units for neutral positions: a face then spans about ±1.
 POSITION_SCALE = 10.0
@@ -91,6 +97,7 @@ class MMTalker(AnimationModel):
         lips[torch.as_tensor(topology.region("lips"), dtype=torch.long)] = True
         self.register_buffer("lips", lips, persistent=False)
         self.speech = build_speech_encoder(config.speech)
+        self.phone_readout = phone_readout(config.speech)
         self.mesh = MeshEncoder(
             topology.faces,
             topology.uv,
@@ -127,14 +134,10 @@ class MMTalker(AnimationModel):
             uv, neutral = points.uv, (points.neutral - centroid) * POSITION_SCALE
         return FaceState(self._tokens(centred), self.head.point_basis(uv, neutral))
 
-    def _motion(
-        self, audio: Tensor, num_frames: int, tokens: Tensor, audio_lengths: Tensor | None,
-        frame_lengths: Tensor | None,
-    ) -> Tensor:  # fmt: skip
-        levels = self.speech(audio, num_frames, audio_lengths)
+    def _motion(self, levels: list[Tensor], tokens: Tensor, frame_lengths: Tensor | None) -> Tensor:
         padding = None
         if frame_lengths is not None:
-            frames = torch.arange(num_frames, device=audio.device)
+            frames = torch.arange(levels[0].shape[1], device=levels[0].device)
             padding = frames[None, :] >= frame_lengths[:, None]
         return self.fusion(levels, tokens, padding)
 
@@ -148,11 +151,13 @@ class MMTalker(AnimationModel):
         frame_lengths: Tensor | None = None,
     ) -> Tensor:
         """Displacements (B, T, P, 3) in dataset units, added into ``out`` when given."""
-        motion = self._motion(audio, num_frames, state.tokens, audio_lengths, frame_lengths)
+        levels = self.speech(audio, num_frames, audio_lengths)
+        motion = self._motion(levels, state.tokens, frame_lengths)
         return self.head(motion, state.basis, self.displacement_scale, out)
 
     def training_loss(self, batch: Batch, losses: LossConfig) -> tuple[Tensor, dict[str, float]]:
-        """Position/velocity loss on points drawn by the learnt sampler, plus the sampler's own.
+        """Position/velocity loss on points drawn by the learnt sampler, plus the sampler's own
+        and, with a phone readout, the phone loss.
 
         The surface loss is importance weighted (unbiased for the area-uniform surface loss);
         the sampler is trained to lower that estimate's variance, so it concentrates where the
@@ -164,10 +169,8 @@ class MMTalker(AnimationModel):
         uv = barycentric_interpolate(self.uv, faces, index, bary)
         neutral = barycentric_interpolate(centred, faces, index, bary)
         target = barycentric_interpolate(batch.displacements, faces, index, bary)
-        motion = self._motion(
-            batch.audio, batch.num_frames, self._tokens(centred), batch.audio_lengths,
-            batch.frame_lengths,
-        )  # fmt: skip
+        levels = self.speech(batch.audio, batch.num_frames, batch.audio_lengths)
+        motion = self._motion(levels, self._tokens(centred), batch.frame_lengths)
         pred = self.head(motion, self.head.point_basis(uv, neutral))
         region = torch.as_tensor(
             vertex_weights(self.topology, losses.region_weights), device=pred.device
@@ -191,4 +194,7 @@ class MMTalker(AnimationModel):
             "loss": surface, "position": parts.position, "velocity": parts.velocity,
             "lip_max": parts.lip_max, "coverage": coverage,
         }  # fmt: skip
+        if self.phone_readout is not None:
+            logs["phones"] = phone_loss(self.phone_readout(levels), batch.phones)
+            loss = loss + losses.phones * logs["phones"]
         return loss, {name: float(value.detach()) for name, value in logs.items()}

@@ -82,6 +82,9 @@ class SpeechConfig(BaseModel):
     frequency_channels: int = Field(0, ge=0, le=64)
     #: Pretrained: longer audio runs in chunks of at most this, overlapping by 1 s.
     max_chunk_seconds: float = Field(20.0, ge=2 * CHUNK_OVERLAP_SECONDS)
+    #: Phone classes of a linear readout from the features (0: none), trained by the phone loss
+    #: (``losses.phones``) on corpora with phone labels; training sets it from the dataset.
+    phone_classes: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> SpeechConfig:
@@ -119,6 +122,22 @@ def build_speech_encoder(config: SpeechConfig) -> SpeechEncoder:
     if config.kind == "light":
         return LightSpeechEncoder(config)
     return PretrainedSpeechEncoder(config)
+
+
+class PhoneReadout(nn.Module):
+    """Per-frame phone logits ``(B, T, phone_classes)`` from all levels' features, concatenated."""
+
+    def __init__(self, config: SpeechConfig) -> None:
+        super().__init__()
+        self.linear = nn.Linear(config.dim * config.levels, config.phone_classes)
+
+    def forward(self, levels: list[Tensor]) -> Tensor:
+        return self.linear(torch.cat(levels, dim=-1))
+
+
+def phone_readout(config: SpeechConfig) -> PhoneReadout | None:
+    """The readout ``config.phone_classes`` asks for, if any."""
+    return PhoneReadout(config) if config.phone_classes else None
 
 
 def resample_frames(features: Tensor, num_frames: int, span: float) -> Tensor:

@@ -72,7 +72,8 @@ def read_shards(
 
 
 def decode_rows(table: pa.Table) -> dict[str, np.ndarray]:
-    """Shard rows → arrays: audio (N,) and vertices (T, V, 3) per row, plus the metadata."""
+    """Shard rows → arrays: audio (N,), vertices (T, V, 3) and phone labels (T,; empty when the
+    corpus has none) per row, plus the metadata."""
     sequences = table_to_sequences(table)
     return {
         "sequence_id": np.array([s.sequence_id for s in sequences]),
@@ -82,7 +83,9 @@ def decode_rows(table: pa.Table) -> dict[str, np.ndarray]:
         "sample_rate": np.array([s.sample_rate for s in sequences], np.int64),
         "audio": _ragged([s.audio for s in sequences]),
         "vertices": _ragged([s.vertices for s in sequences]),
-    }
+        "phones": _ragged([np.zeros(0, np.int16) if s.phones is None else s.phones
+                           for s in sequences]),
+    }  # fmt: skip
 
 
 def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
@@ -103,6 +106,7 @@ def rows_to_sequences(rows: dict[str, Any]) -> list[Sequence]:
             sample_rate=int(rows["sample_rate"][i]),
             vertices=rows["vertices"][i],
             fps=float(rows["fps"][i]),
+            phones=rows["phones"][i] if len(rows["phones"][i]) else None,
         )
         for i in range(len(rows["sequence_id"]))
     ]

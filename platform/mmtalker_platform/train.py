@@ -92,7 +92,7 @@ def train_loop(raw: dict[str, Any]) -> None:
     dataset = open_dataset(spec.data, S3Settings())
     templates = training_templates(dataset)
     torch.manual_seed(spec.train.seed)
-    model = model_for_dataset(spec.model.kind, spec.model.config, dataset)
+    model = model_for_dataset(spec.model.kind, spec.model.config, dataset, spec.train.losses)
     model.displacement_scale.fill_(config.displacement_scale)
     per_worker = dataset.manifest.splits["train"].num_sequences // workers
     steps = math.ceil(per_worker / spec.train.batch_size) * spec.train.epochs

@@ -102,3 +102,12 @@ def test_bad_ranges_are_refused() -> None:
         AugmentConfig(snr_db=(30.0, 5.0))
     with pytest.raises(ValueError, match="speed_range"):
         AugmentConfig(speed_range=(0.0, 1.0))
+
+
+def test_retimed_phone_labels_follow_their_frames() -> None:
+    per_frame = RATE / 30
+    frames = np.arange(90, dtype=np.float32)[:, None, None] * np.ones((1, 1, 3), np.float32)
+    crop = Crop(np.zeros(round(90 * per_frame), np.float32), frames, np.arange(90, dtype=np.int16))
+    out = retime(crop, 1.25, 60, per_frame)
+    # Labels are classes: each is the one of the source frame nearest the retimed frame.
+    np.testing.assert_array_equal(out.phones, np.rint(out.frames[:, 0, 0]))

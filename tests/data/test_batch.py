@@ -1,10 +1,13 @@
 """Batches: padding, cropping and alignment."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from mmtalker.data.batch import collate
 from mmtalker.data.shards import open_dataset
+from mmtalker.data.visemes import PHONES
 
 
 def test_collate_pads_crops_and_aligns(tiny_corpus: str) -> None:
@@ -23,3 +26,25 @@ def test_collate_pads_crops_and_aligns(tiny_corpus: str) -> None:
         atol=1e-7,
     )
     assert whole.frame_mask()[0].sum() == first.num_frames
+
+
+def test_collate_crops_phone_labels_with_their_frames(tiny_corpus: str) -> None:
+    ds = open_dataset(tiny_corpus)
+    seqs = list(ds.sequences("train"))[:3]
+    assert ds.manifest.phone_names == list(PHONES)
+    whole = collate(seqs, ds.templates, {})
+    for row, seq in enumerate(seqs):
+        np.testing.assert_array_equal(whole.phones[row, : seq.num_frames].numpy(), seq.phones)
+        assert (whole.phones[row, seq.num_frames :] == -1).all()
+    crops = collate(seqs, ds.templates, {}, max_frames=20, rng=np.random.default_rng(3))
+    for row, seq in enumerate(seqs):
+        # Where the crop's frames start in the sequence, its labels start too.
+        full = seq.vertices - ds.templates[seq.speaker]
+        start = next(
+            s
+            for s in range(seq.num_frames - 19)
+            if np.allclose(full[s : s + 20], crops.displacements[row].numpy(), atol=1e-7)
+        )
+        np.testing.assert_array_equal(crops.phones[row].numpy(), seq.phones[start : start + 20])
+    unlabelled = [dataclasses.replace(seq, phones=None) for seq in seqs]
+    assert collate(unlabelled, ds.templates, {}).phones is None

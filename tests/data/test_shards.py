@@ -93,7 +93,7 @@ def test_round_trip_through_s3_server(s3_settings: S3Settings, s3_bucket: str) -
 def test_manifest_records_counts_durations_and_checksums(tmp_path: Path) -> None:
     _write(str(tmp_path / "ds"))
     manifest = json.loads((tmp_path / "ds" / "dataset.json").read_text())
-    assert manifest["schema_version"] == 2
+    assert manifest["schema_version"] == 3
     assert manifest["topology"]["regions"].keys() >= {"lips", "eyes", "upper_face", "face"}
     assert all(len(s["sha256"]) == 64 for s in manifest["shards"])
     total = sum(s["audio_seconds"] for s in manifest["splits"].values())
@@ -206,9 +206,9 @@ def test_per_frame_controls_round_trip_with_their_names(tmp_path: Path) -> None:
 
 def test_schema_1_shards_without_controls_still_read(tmp_path: Path) -> None:
     seqs = _write(str(tmp_path / "ds"))
-    # Rewrite one shard the way schema 1 wrote it: without the control columns.
+    # Rewrite one shard the way schema 1 wrote it: without the control (and phone) columns.
     shard = next((tmp_path / "ds").glob("train-*.parquet"))
-    table = pq.read_table(shard).drop_columns(["num_controls", "controls"])
+    table = pq.read_table(shard).drop_columns(["num_controls", "controls", "phones"])
     pq.write_table(table, shard)
     manifest = json.loads((tmp_path / "ds" / "dataset.json").read_text())
     manifest["schema_version"] = 1
@@ -216,3 +216,41 @@ def test_schema_1_shards_without_controls_still_read(tmp_path: Path) -> None:
     read = list(open_dataset(str(tmp_path / "ds")).sequences("train"))
     _assert_same(read, seqs[:4])
     assert all(s.controls is None for s in read)
+
+
+def test_per_frame_phones_round_trip_with_their_names(tmp_path: Path) -> None:
+    template = make_template(600)
+    rng = np.random.default_rng(2)
+    seqs = [
+        dataclasses.replace(s, phones=rng.integers(0, 3, s.num_frames))
+        for s in _sequences(3, template.topology.num_vertices, rng)
+    ]
+    templates = {"spk0": template.vertices, "spk1": template.vertices}
+    with DatasetWriter(
+        str(tmp_path / "ds"), name="p", source="test", topology=template.topology,
+        templates=templates, fps=30.0, sample_rate=16000, phone_names=["pause", "a", "m"],
+    ) as writer:  # fmt: skip
+        for seq in seqs:
+            writer.add(seq, "train")
+        for bad in (None, np.full(seqs[0].num_frames, 3)):
+            with pytest.raises(DatasetError, match="phone labels do not fit"):
+                writer.add(dataclasses.replace(seqs[0], phones=bad), "train")
+    ds = open_dataset(str(tmp_path / "ds"))
+    assert ds.manifest.phone_names == ["pause", "a", "m"]
+    for read, written in zip(ds.sequences("train"), seqs, strict=True):
+        np.testing.assert_array_equal(read.phones, written.phones)
+    with pytest.raises(DatasetError, match="phones must be 5 integer classes"):
+        dataclasses.replace(seqs[0], phones=np.zeros(4, np.int64))
+
+
+def test_schema_2_shards_without_phones_still_read(tmp_path: Path) -> None:
+    seqs = _write(str(tmp_path / "ds"))
+    shard = next((tmp_path / "ds").glob("train-*.parquet"))
+    pq.write_table(pq.read_table(shard).drop_columns(["phones"]), shard)
+    manifest = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    manifest["schema_version"] = 2
+    del manifest["phone_names"]
+    (tmp_path / "ds" / "dataset.json").write_text(json.dumps(manifest))
+    read = list(open_dataset(str(tmp_path / "ds")).sequences("train"))
+    _assert_same(read, seqs[:4])
+    assert all(s.phones is None for s in read)

@@ -9,10 +9,13 @@ import pytest
 
 from mmtalker.data.espeak import EspeakSynthesizer, Phoneme
 from mmtalker.data.visemes import (
+    PHONES,
     SPEECH_CHANNELS,
     articulation_curves,
+    frame_phones,
     is_pause,
     is_vowel,
+    phone_class,
     viseme,
 )
 
@@ -317,3 +320,19 @@ def test_every_viseme_target_is_in_range() -> None:
         assert viseme(symbol)[0][CH["lip_closure"]] == 1.0
     for symbol in ("f", "v"):
         assert viseme(symbol)[0][CH["labiodental"]] == 1.0
+
+
+def test_phone_classes_name_every_table_entry_pauses_and_the_rest() -> None:
+    assert PHONES[0] == "pause" and PHONES[-1] == "other" and len(set(PHONES)) == len(PHONES)
+    assert phone_class("_:") == 0
+    assert PHONES[phone_class("ˈaɪ")] == "aɪ"  # stress marks stripped, diphthong kept whole
+    assert PHONES[phone_class("p")] == "p"
+    assert PHONES[phone_class("x")] == "other"
+
+
+def test_frame_phones_label_each_frame_by_the_phoneme_at_its_centre() -> None:
+    phonemes = (Phoneme("m", 0.1, 0.2), Phoneme("a", 0.2, 0.5))
+    labels = frame_phones(phonemes, 20, 10.0)  # frame k is centred on (k + 0.5) / 10 s
+    names = [PHONES[k] for k in labels]
+    assert names == ["pause", "m", "a", "a", "a"] + ["pause"] * 15
+    assert labels.dtype == np.int16

@@ -29,6 +29,7 @@ def test_split_rows_decode_to_the_stored_sequences(local_ray: None, tiny_corpus_
         seq = expected[row["sequence_id"]]
         np.testing.assert_array_equal(row["vertices"], seq.vertices)
         np.testing.assert_array_equal(row["audio"], seq.audio)
+        np.testing.assert_array_equal(row["phones"], seq.phones)
         assert row["speaker"] == seq.speaker and row["sample_rate"] == seq.sample_rate
 
 
@@ -56,6 +57,8 @@ def test_streaming_shares_give_equal_length_grouped_batches(
         for batch in share[0]:
             lengths = [s.num_frames for s in batch]
             assert max(lengths) - min(lengths) <= 0.5 * max(lengths)
+            # Phone labels travel with their rows, for the phone loss of distributed training.
+            assert all(s.phones is not None and len(s.phones) == s.num_frames for s in batch)
 
 
 def test_displacement_scale_as_recorded_or_in_one_distributed_pass(

@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -246,3 +247,14 @@ def test_trainer_steps_on_a_synthetic_corpus(tmp_path: Path) -> None:
         logs = trainer.step(batch)
         assert {"position", "velocity"} <= set(logs)
         assert all(np.isfinite(value) for value in logs.values())
+
+
+def test_phone_readout_adds_the_phone_loss_and_reaches_every_level() -> None:
+    model = _model(speech=SpeechConfig(dim=32, levels=2, n_mels=16, phone_classes=5))
+    batch = dataclasses.replace(_batch(), phones=torch.randint(-1, 5, (2, 12)))
+    objective, logs = model.training_loss(batch, LossConfig(phones=0.5))
+    assert logs["phones"] > 0
+    assert objective.item() == pytest.approx(logs["loss"] + 0.5 * logs["phones"], rel=1e-5)
+    objective.backward()
+    # The readout reads every level, so the shallow levels' heads are trained too.
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []

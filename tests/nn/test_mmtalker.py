@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -183,3 +185,24 @@ def test_animate_adds_into_a_given_buffer(small_model: MMTalker, small_face: tup
         returned = small_model.animate(batch.audio, 12, state, out)
     assert returned is out
     torch.testing.assert_close(out, plain + 1)
+
+
+def test_phone_readout_trains_the_speech_features(
+    small_config: MMTalkerConfig, small_face: tuple
+) -> None:
+    templates, topology = small_face
+    speech = small_config.speech.model_copy(update={"phone_classes": 5})
+    torch.manual_seed(0)
+    model = MMTalker(small_config.model_copy(update={"speech": speech}), topology, templates)
+    batch = dataclasses.replace(_batch(templates), phones=torch.randint(-1, 5, (2, 12)))
+    loss, logs = model.train().training_loss(batch, LossConfig(points=64, phones=1.0))
+    loss.backward()
+    assert logs["phones"] > 0
+    assert model.phone_readout.linear.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.speech.parameters())
+    model.zero_grad()
+    # A batch without labels adds nothing, yet keeps the readout in the graph (for DDP).
+    loss, logs = model.training_loss(dataclasses.replace(batch, phones=None), LossConfig(points=64))
+    loss.backward()
+    assert logs["phones"] == 0
+    assert model.phone_readout.linear.weight.grad is not None
