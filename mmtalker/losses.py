@@ -118,7 +118,11 @@ def combined_loss(parts: MotionLoss, losses: LossConfig) -> Tensor:
 def phone_loss(logits: Tensor, phones: Tensor | None) -> Tensor:
     """Mean cross-entropy of per-frame phone logits (B, T, C) against classes (B, T); frames
     labelled -1 (unknown, padding) are left out, and a batch without labels scores 0."""
-    if phones is None or not bool((phones >= 0).any()):
+    if phones is None:
         # Zero that still depends on the readout, so data-parallel training sees its gradient.
         return logits.sum() * 0.0
-    return F.cross_entropy(logits.flatten(0, 1), phones.flatten(), ignore_index=-1)
+    # A sum over the labelled frames divided by their count (at least 1): the mean, or 0 when
+    # none is labelled, without reading the labels back to the host on every step.
+    labels = phones.flatten()
+    total = F.cross_entropy(logits.flatten(0, 1), labels, ignore_index=-1, reduction="sum")
+    return total / (labels >= 0).sum().clamp_min(1)
