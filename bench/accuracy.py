@@ -290,6 +290,11 @@ def main() -> None:
 
     config = corpus_config(args.size, args.face)
     dataset = ensure_corpus(config, data)
+    if not dataset.manifest.phone_names:
+        raise SystemExit(
+            f"error: {data} was synthesised before corpora stored phone labels (dataset schema "
+            f"3), which the phone loss trains on; delete it (it is re-made)"
+        )
     proxies = {} if args.no_proxies else proxy_corpora(config, data)
     seeds = [int(s) for s in args.seeds.split(",")]
     load = os.getloadavg()[0]

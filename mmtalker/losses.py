@@ -31,9 +31,9 @@ class LossConfig(BaseModel):
     coverage: float = Field(0.05, ge=0)
     #: Weight of the phone loss: cross-entropy of a linear readout of the speech features
     #: against the per-frame phone labels of corpora that have them (others train without it).
-    #: 0.2 lowered MMTalker's bench test LVE on every seed screened (e.g. 0.170 vs 0.198, lip
-    #: sync 0.945 vs 0.932; docs/accuracy.md); off until the README benchmark is re-run with it.
-    phones: float = Field(0.0, ge=0)
+    #: 0.2 lowered both models' bench test LVE on every seed screened (MMTalker e.g. 0.170 vs
+    #: 0.198, lip sync 0.945 vs 0.932; docs/accuracy.md). Corpora without labels ignore it.
+    phones: float = Field(0.2, ge=0)
     #: Points drawn on the surface per training frame. 512 take 28% off a CPU step's time but
     #: scored the same in a 20-minute bench screen (docs/accuracy.md).
     points: int = Field(1024, ge=16)

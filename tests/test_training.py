@@ -132,9 +132,9 @@ def test_a_phone_loss_gives_models_of_labelled_corpora_a_phone_readout(
         "faceformer": {"speech": {"dim": 32, "levels": 2, "n_mels": 32}, "dim": 32, "heads": 2},
     }
     for kind, config in configs.items():
-        model = model_for_dataset(kind, config, dataset, LossConfig(phones=0.2))
+        model = model_for_dataset(kind, config, dataset, LossConfig())
         assert model.config.speech.phone_classes == len(dataset.manifest.phone_names)
-        assert model_for_dataset(kind, config, dataset, LossConfig()).phone_readout is None
+        assert model_for_dataset(kind, config, dataset, LossConfig(phones=0)).phone_readout is None
     # A corpus without phone labels trains without the readout, phone loss or not.
     dataset.manifest = dataset.manifest.model_copy(update={"phone_names": []})
     model = model_for_dataset("mmtalker", configs["mmtalker"], dataset, LossConfig(phones=0.2))
