@@ -137,10 +137,8 @@ def viseme(symbol: str) -> tuple[np.ndarray, np.ndarray]:
 
 def phone_class(symbol: str) -> int:
     """Index in :data:`PHONES` of a phoneme symbol: its table entry, pause, or ``other``."""
-    if is_pause(symbol):
-        return 0
-    key = _entry(symbol)
-    return _PHONE_INDEX[key] if key is not None else len(PHONES) - 1
+    key = "pause" if is_pause(symbol) else _entry(symbol)
+    return _PHONE_INDEX[key if key is not None else "other"]
 
 
 def frame_phones(phonemes: Sequence[Phoneme], num_frames: int, fps: float) -> np.ndarray:
