@@ -38,7 +38,7 @@ from mmtalker.data.synth import (
     make_speakers,
     spoken_curves,
 )
-from mmtalker.data.visemes import SPEECH_CHANNELS, articulation_curves
+from mmtalker.data.visemes import SPEECH_CHANNELS, articulation_curves, frame_times
 from mmtalker.eval.metrics import MetricAccumulator, fdd_sequence
 
 PREDICTORS = {
@@ -94,7 +94,7 @@ def main() -> None:
         scores["mean"].add(mean_style, truth, neutral)
         heard = mean.copy()
         heard[:, : len(SPEECH_CHANNELS)] = articulation_curves(
-            utterance.phonemes, np.arange(len(curves)) / config.fps, np.random.default_rng(0), 0.0
+            utterance.phonemes, frame_times(len(curves), config.fps), np.random.default_rng(0), 0.0
         )
         scores["heard"].add(speaker_face.frames(heard)[0], truth, neutral)
         scores["static"].add(np.broadcast_to(neutral, truth.shape), truth, neutral)

@@ -14,7 +14,13 @@ from pydantic import BaseModel, Field
 
 from mmtalker.data import face as F
 from mmtalker.data.espeak import Phoneme
-from mmtalker.data.visemes import SPEECH_CHANNELS, articulation_curves, is_pause, is_vowel
+from mmtalker.data.visemes import (
+    SPEECH_CHANNELS,
+    articulation_curves,
+    frame_times,
+    is_pause,
+    is_vowel,
+)
 
 #: All channels, speech first (in :data:`SPEECH_CHANNELS` order), then the upper face.
 CHANNELS = (*SPEECH_CHANNELS, "blink", "brow_raise")
@@ -161,8 +167,11 @@ def channel_curves(
     question: bool,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """All channel activations (num_frames, len(CHANNELS)) for one utterance and speaker."""
-    times = np.arange(num_frames) / fps
+    """All channel activations (num_frames, len(CHANNELS)) for one utterance and speaker, each
+    frame at its :func:`frame_times` instant."""
+    # The phone labels are taken at the same instants; sampled at k / fps instead, the motion
+    # led them and the speech encoders' output frames by half a frame.
+    times = frame_times(num_frames, fps)
     speech = articulation_curves(phonemes, times, rng)
     pauses = [ph.start for ph in phonemes if is_pause(ph.symbol) and ph.end - ph.start > 0.12]
     blink = blink_curve(times, pauses, style, rng)

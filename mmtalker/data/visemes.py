@@ -141,10 +141,17 @@ def phone_class(symbol: str) -> int:
     return _PHONE_INDEX[key if key is not None else "other"]
 
 
+def frame_times(num_frames: int, fps: float) -> np.ndarray:
+    """The instant (s) each frame of a synthetic sequence stands for: its centre ``(k + 0.5) /
+    fps``, as frame k covers ``[k, k + 1) / fps`` for the speech encoders' output frames too."""
+    return (np.arange(num_frames) + 0.5) / fps
+
+
 def frame_phones(phonemes: Sequence[Phoneme], num_frames: int, fps: float) -> np.ndarray:
-    """Phone class (int16, :data:`PHONES`) of each frame: the phoneme spoken at its centre;
-    frames no phoneme covers (leading and trailing silence) are pauses."""
-    times = (np.arange(num_frames) + 0.5) / fps
+    """Phone class (int16, :data:`PHONES`) of each frame: the phoneme spoken at its
+    :func:`frame_times` instant; frames no phoneme covers (leading and trailing silence) are
+    pauses."""
+    times = frame_times(num_frames, fps)
     labels = np.zeros(num_frames, np.int16)
     for ph in phonemes:
         labels[(times >= ph.start) & (times < ph.end)] = phone_class(ph.symbol)

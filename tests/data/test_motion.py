@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from mmtalker.data import face as F
 from mmtalker.data import motion as M
 from mmtalker.data.espeak import EspeakSynthesizer, Phoneme
-from mmtalker.data.visemes import SPEECH_CHANNELS
+from mmtalker.data.visemes import SPEECH_CHANNELS, frame_times
 
 NUM_VERTICES = 2000
 CH = {name: k for k, name in enumerate(M.CHANNELS)}
@@ -356,6 +356,18 @@ def test_channel_curves_on_a_real_utterance() -> None:
     assert curves[:, CH["labiodental"]].max() > 0.5  # /v/ in "move", "over"
     again = M.channel_curves(*args, np.random.default_rng(0))
     np.testing.assert_array_equal(curves, again)
+
+
+def test_channel_curves_sample_each_frame_at_its_centre() -> None:
+    # Frame k stands for [k, k + 1) / fps, as its phone label and the models' output frames do.
+    utt = utterance("Bob may move over the moon.")
+    fps, num_frames = 30.0, int(np.ceil(utt.duration * 30.0))
+    args = (utt.phonemes, utt.audio, utt.sample_rate, num_frames, fps, M.SpeakingStyle(), False)
+    curves = M.channel_curves(*args, np.random.default_rng(5))
+    centres = (np.arange(num_frames) + 0.5) / fps
+    np.testing.assert_array_equal(frame_times(num_frames, fps), centres)
+    speech = M.articulation_curves(utt.phonemes, centres, np.random.default_rng(5))
+    np.testing.assert_array_equal(curves[:, : len(SPEECH_CHANNELS)], speech)
 
 
 def test_channel_curves_apply_the_style_gains() -> None:
