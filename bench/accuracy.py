@@ -57,7 +57,13 @@ from mmtalker.checkpoint import build_model, load_checkpoint, save_checkpoint
 from mmtalker.data.augment import AugmentConfig, augment_audio
 from mmtalker.data.sequence import Sequence
 from mmtalker.data.shards import MANIFEST, Dataset, open_dataset
-from mmtalker.data.synth import KLATT_VARIANTS, Size, SynthConfig, synthesize_corpus
+from mmtalker.data.synth import (
+    KLATT_VARIANTS,
+    SYNTH_REVISION,
+    Size,
+    SynthConfig,
+    synthesize_corpus,
+)
 from mmtalker.eval.metrics import MetricAccumulator
 from mmtalker.geometry.uv import attach_uv
 from mmtalker.nn.base import AnimationModel
@@ -112,6 +118,12 @@ def ensure_corpus(config: SynthConfig, path: Path) -> Dataset:
             raise SystemExit(
                 f"error: {path} was synthesised with other settings than this benchmark's "
                 f"corpus; delete it (it is re-made) or pass --data with another folder"
+            )
+        revision = dataset.manifest.extra.get("synth_revision", 1)
+        if revision != SYNTH_REVISION:
+            raise SystemExit(
+                f"error: {path} was synthesised by generator revision {revision}, not "
+                f"{SYNTH_REVISION} (its motion is timed differently); delete it (it is re-made)"
             )
         return dataset
     print(f"synthesising {path} ...", file=sys.stderr, flush=True)

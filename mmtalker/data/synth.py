@@ -50,6 +50,10 @@ KLATT_VARIANTS = ("klatt", "klatt2", "klatt3", "klatt4", "klatt5", "klatt6")
 #: Variants left out of the training pool besides Klatt: whispers carry no voicing at all.
 _EXCLUDED_VARIANTS = frozenset({*KLATT_VARIANTS, "whisper", "whisperf"})
 Split = Literal["train", "val", "test"]
+#: Revision of the generator, stored with each corpus: raised whenever the same SynthConfig makes
+#: different data, so a corpus made by an older generator is recognised (2: motion sampled at
+#: frame centres, :func:`mmtalker.data.visemes.frame_times`; corpora without it are revision 1).
+SYNTH_REVISION = 2
 #: Vertices of the ICT head's full face area; ``num_vertices`` below it gives a coarse version.
 ICT_FACE_VERTICES = 9409
 #: Identity modes of the ICT head: each ICT speaker draws this many weights.
@@ -398,6 +402,7 @@ def synthesize_corpus(
     total = sum(len(plan[s.id]) for s in speakers)
     extra = {
         "synth": config.model_dump(),
+        "synth_revision": SYNTH_REVISION,
         "speakers": {s.id: s.model_dump(exclude={"id"}) for s in speakers},
         "sentences": {
             f"sent{i:03d}": sentences[i] for i in sorted({i for s in speakers for i in plan[s.id]})

@@ -8,6 +8,7 @@ import pytest
 from mmtalker.data.corpus_face import IctFace
 from mmtalker.data.shards import open_dataset
 from mmtalker.data.synth import (
+    SYNTH_REVISION,
     SynthConfig,
     Voices,
     assign_sentences,
@@ -206,6 +207,8 @@ def test_ict_speakers_are_distinct_identities_on_one_topology(ict_corpus: str) -
         assert np.abs(ds.templates[a] - ds.templates[b]).max() > 0.003
     identities = {k: v["identity"] for k, v in ds.manifest.extra["speakers"].items()}
     assert all(len(w) == 100 for w in identities.values())
+    # The generator's revision travels with the corpus, so older corpora can be recognised.
+    assert ds.manifest.extra["synth_revision"] == SYNTH_REVISION
     assert set(ds.manifest.splits["test"].speakers).isdisjoint(ds.manifest.splits["train"].speakers)
 
 
