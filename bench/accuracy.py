@@ -110,7 +110,8 @@ def corpus_config(size: str, face: str) -> SynthConfig:
 
 def ensure_corpus(config: SynthConfig, path: Path) -> Dataset:
     """Open the corpus at ``path``, synthesising it there first if absent; a corpus made with
-    other settings (e.g. an older preset) is refused rather than silently measured."""
+    other settings (e.g. an older preset) or by an older generator (which includes every corpus
+    made before phone labels) is refused rather than silently measured."""
     if (path / MANIFEST).is_file():
         dataset = open_dataset(str(path))
         stored = dataset.manifest.extra.get("synth")
@@ -302,11 +303,6 @@ def main() -> None:
 
     config = corpus_config(args.size, args.face)
     dataset = ensure_corpus(config, data)
-    if not dataset.manifest.phone_names:
-        raise SystemExit(
-            f"error: {data} was synthesised before corpora stored phone labels (dataset schema "
-            f"3), which the phone loss trains on; delete it (it is re-made)"
-        )
     proxies = {} if args.no_proxies else proxy_corpora(config, data)
     seeds = [int(s) for s in args.seeds.split(",")]
     load = os.getloadavg()[0]
