@@ -27,6 +27,10 @@ class LossConfig(BaseModel):
     #: displacement, per axis) matched to the truth: a mean-square loss alone rewards damped
     #: motion wherever timing is uncertain, and the upper face (FDD) then looks frozen.
     dynamics: float = Field(1.0, ge=0)
+    #: Factors on the dynamics term by region (the largest where regions overlap; 1 elsewhere).
+    #: Blinks come at random times no audio reveals, so matching the eyes' temporal spread
+    #: teaches a model to invent blinks; left out there (docs/accuracy.md).
+    dynamics_regions: dict[str, float] = {"eyes": 0.0}
     sampler: float = Field(1.0, ge=0)
     coverage: float = Field(0.05, ge=0)
     #: Weight of the phone loss: cross-entropy of a linear readout of the speech features
@@ -40,12 +44,13 @@ class LossConfig(BaseModel):
 
 
 def vertex_weights(topology: Topology, region_weights: dict[str, float]) -> np.ndarray:
-    """Per-vertex loss weight: 1 everywhere, the largest region weight inside weighted regions."""
-    weights = np.ones(topology.num_vertices, np.float32)
+    """Per-vertex factor: 1 everywhere, the largest region weight inside weighted regions (a
+    region's weight holds even below 1)."""
+    weights = np.full(topology.num_vertices, -np.inf, np.float32)
     for name, weight in region_weights.items():
         region = topology.region(name)
         weights[region] = np.maximum(weights[region], weight)
-    return weights
+    return np.where(np.isinf(weights), 1.0, weights).astype(np.float32)
 
 
 @dataclass
@@ -61,13 +66,19 @@ class MotionLoss:
 
 
 def motion_losses(
-    pred: Tensor, target: Tensor, frame_mask: Tensor, point_weights: Tensor, lips: Tensor
+    pred: Tensor,
+    target: Tensor,
+    frame_mask: Tensor,
+    point_weights: Tensor,
+    lips: Tensor,
+    dynamics_weights: Tensor | None = None,
 ) -> MotionLoss:
-    """Position, velocity and lip-maximum losses over real frames of displacements (B, T, P, 3).
+    """Position, velocity, lip-maximum and dynamics losses over real frames of displacements
+    (B, T, P, 3).
 
     ``point_weights`` (P,) combine region and importance weights; ``lips`` (P,) is True on lip
-    points. The per-point errors (P,) are unweighted squared errors averaged over the batch's
-    real frames (or frame pairs).
+    points; ``dynamics_weights`` (P,) further scale the dynamics term. The per-point errors (P,)
+    are unweighted squared errors averaged over the batch's real frames (or frame pairs).
     """
     # Counts stay in float32 even under bf16 autocast, where 701 frames would round to 700.
     mask = frame_mask[..., None].float()
@@ -85,6 +96,8 @@ def motion_losses(
     else:
         lip_max = squared.new_zeros(())
     spread = (temporal_std(pred, mask[..., None]) - temporal_std(target, mask[..., None])) ** 2
+    if dynamics_weights is not None:
+        point_weights = point_weights * dynamics_weights
     dynamics = (spread.sum(-1) * point_weights).mean()
     return MotionLoss(
         position=position,

@@ -1,9 +1,11 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from mmtalker.losses import LossConfig, combined_loss, motion_losses, phone_loss
+from mmtalker.data.sequence import Topology
+from mmtalker.losses import LossConfig, combined_loss, motion_losses, phone_loss, vertex_weights
 
 
 def test_motion_losses_by_hand() -> None:
@@ -28,6 +30,10 @@ def test_motion_losses_by_hand() -> None:
     torch.testing.assert_close(
         parts.dynamics, torch.tensor((2 * 1.0 + 1.5**2) / 4), atol=1e-3, rtol=0
     )
+    # Dynamics weights scale that term alone: point 3 left out leaves point 1's 2 · 1².
+    still = motion_losses(pred, target, mask, weights, lips, torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    torch.testing.assert_close(still.dynamics, torch.tensor(2 * 1.0 / 4), atol=1e-3, rtol=0)
+    assert still.position.item() == parts.position.item()
     config = LossConfig(position=1.0, velocity=0.5, lip_max=0.25, dynamics=0.75)
     expected = parts.position + 0.5 * parts.velocity + 0.25 * parts.lip_max + 0.75 * parts.dynamics
     torch.testing.assert_close(combined_loss(parts, config), expected)
@@ -48,3 +54,20 @@ def test_phone_loss_by_hand() -> None:
     assert phone_loss(logits, phones).item() == pytest.approx(expected)
     assert phone_loss(logits, None).item() == 0.0
     assert phone_loss(logits, torch.full((1, 3), -1)).item() == 0.0
+
+
+def test_vertex_weights_take_the_largest_covering_region_even_below_one() -> None:
+    regions = {
+        "lips": np.array([0]),
+        "eyes": np.array([1, 2]),
+        "upper_face": np.array([2, 3]),
+        "face": np.arange(5),
+    }
+    topology = Topology(np.array([[0, 1, 2], [1, 2, 3], [2, 3, 4]]), 5, regions)
+    torch.testing.assert_close(
+        torch.as_tensor(vertex_weights(topology, {"eyes": 0.0, "upper_face": 0.5})),
+        torch.tensor([1.0, 0.0, 0.5, 0.5, 1.0]),
+    )
+    torch.testing.assert_close(
+        torch.as_tensor(vertex_weights(topology, {"lips": 3.0})), torch.tensor([3.0, 1, 1, 1, 1])
+    )

@@ -201,12 +201,13 @@ class FaceFormer(AnimationModel):
         levels = self.speech(batch.audio, batch.num_frames, batch.audio_lengths)
         features = self.audio_map(levels[-1])
         pred = self.teacher_forced(features, target, self.styles(batch.speakers, len(target)))
-        weights = torch.as_tensor(
-            vertex_weights(self.topology, losses.region_weights), device=pred.device
+        weights, dynamics = (
+            torch.as_tensor(vertex_weights(self.topology, factors), device=pred.device)
+            for factors in (losses.region_weights, losses.dynamics_regions)
         )
         lips = torch.zeros(self.num_vertices, dtype=torch.bool, device=pred.device)
         lips[torch.as_tensor(self.topology.region("lips"), device=pred.device)] = True
-        parts = motion_losses(pred, target, batch.frame_mask(), weights, lips)
+        parts = motion_losses(pred, target, batch.frame_mask(), weights, lips, dynamics)
         loss = combined_loss(parts, losses)
         logs = {"loss": loss, "position": parts.position, "velocity": parts.velocity,
                 "lip_max": parts.lip_max}  # fmt: skip

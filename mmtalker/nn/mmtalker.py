@@ -172,13 +172,22 @@ class MMTalker(AnimationModel):
         levels = self.speech(batch.audio, batch.num_frames, batch.audio_lengths)
         motion = self._motion(levels, self._tokens(centred), batch.frame_lengths)
         pred = self.head(motion, self.head.point_basis(uv, neutral))
-        region = torch.as_tensor(
-            vertex_weights(self.topology, losses.region_weights), device=pred.device
+        region, dynamics = (
+            barycentric_interpolate(
+                torch.as_tensor(vertex_weights(self.topology, weights), device=pred.device)[
+                    :, None
+                ],
+                faces,
+                index,
+                bary,
+            )[:, 0]
+            for weights in (losses.region_weights, losses.dynamics_regions)
         )
-        region = barycentric_interpolate(region[:, None], faces, index, bary)[:, 0]
         lips = self.lips[faces[index]].float().mean(dim=1) > 0.5
         target = target / self.displacement_scale
-        parts = motion_losses(pred, target, batch.frame_mask(), region * sample.weight, lips)
+        parts = motion_losses(
+            pred, target, batch.frame_mask(), region * sample.weight, lips, dynamics
+        )
         # The sampler is steered by each point's share of the surface loss (region-weighted
         # position and velocity error), rescaled to unit mean square so its step size does not
         # depend on the error's magnitude (the variance-optimal density is scale-free).
