@@ -172,17 +172,15 @@ class MMTalker(AnimationModel):
         levels = self.speech(batch.audio, batch.num_frames, batch.audio_lengths)
         motion = self._motion(levels, self._tokens(centred), batch.frame_lengths)
         pred = self.head(motion, self.head.point_basis(uv, neutral))
-        region, dynamics = (
-            barycentric_interpolate(
-                torch.as_tensor(vertex_weights(self.topology, weights), device=pred.device)[
-                    :, None
-                ],
-                faces,
-                index,
-                bary,
-            )[:, 0]
-            for weights in (losses.region_weights, losses.dynamics_regions)
+        factors = np.stack(
+            [
+                vertex_weights(self.topology, by_region)
+                for by_region in (losses.region_weights, losses.dynamics_regions)
+            ],
+            axis=1,
         )
+        factors = torch.as_tensor(factors, device=pred.device)
+        region, dynamics = barycentric_interpolate(factors, faces, index, bary).unbind(dim=1)
         lips = self.lips[faces[index]].float().mean(dim=1) > 0.5
         target = target / self.displacement_scale
         parts = motion_losses(
