@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
@@ -82,23 +84,20 @@ def motion_losses(
     """
     # Counts stay in float32 even under bf16 autocast, where 701 frames would round to 700.
     mask = frame_mask[..., None].float()
-    error = pred - target
-    squared = error.square().sum(-1)
+    squared, speed_error, pred_spread = _PointErrors.apply(pred, target, mask[..., None])
     frames = mask.sum().clamp_min(1.0)
-    position = (squared * mask * point_weights[..., None, :]).sum() / (frames * pred.shape[2])
+    position = (squared * mask * point_weights).sum() / (frames * pred.shape[2])
     both = (frame_mask[:, 1:] & frame_mask[:, :-1])[..., None].float()
-    # The velocity error is the error's own frame difference: one difference, not two.
-    speed_error = error.diff(dim=1).square().sum(-1)
     steps = both.sum().clamp_min(1.0)
-    velocity = (speed_error * both * point_weights[..., None, :]).sum() / (steps * pred.shape[2])
+    velocity = (speed_error * both * point_weights).sum() / (steps * pred.shape[2])
     if lips.any():
         lip_max = (squared[..., lips].amax(dim=-1) * mask[..., 0]).sum() / frames
     else:
         lip_max = squared.new_zeros(())
-    spread = (temporal_std(pred, mask[..., None]) - temporal_std(target, mask[..., None])) ** 2
+    _, _, target_spread = _spread(target.detach(), mask[..., None])
     if dynamics_weights is not None:
         point_weights = point_weights * dynamics_weights
-    dynamics = (spread.sum(-1) * point_weights).mean()
+    dynamics = ((pred_spread - target_spread).square().sum(-1) * point_weights).mean()
     return MotionLoss(
         position=position,
         velocity=velocity,
@@ -109,13 +108,53 @@ def motion_losses(
     )
 
 
-def temporal_std(values: Tensor, mask: Tensor) -> Tensor:
-    """Standard deviation over real frames of (B, T, P, 3) values, mask (B, T, 1, 1): (B, P, 3)."""
+def _spread(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, T, P, 3) values less their mean over real frames (zero elsewhere), the real frames'
+    count (B, 1, 1) and the values' standard deviation over them (B, P, 3); mask (B, T, 1, 1)."""
     count = mask.sum(dim=1).clamp_min(1.0)
-    mean = (values * mask).sum(dim=1) / count
-    variance = (((values - mean[:, None]) ** 2) * mask).sum(dim=1) / count
+    # An expanded mask: broadcasting one value per frame over (P, 3) was 2x slower on CPU.
+    mask = mask.expand_as(values)
+    centred = (values - (values * mask).sum(dim=1, keepdim=True) / count[:, None]) * mask
     # The epsilon keeps the gradient finite for points that do not move at all.
-    return (variance + 1e-8).sqrt()
+    return centred, count, (centred.square().sum(dim=1) / count + 1e-8).sqrt()
+
+
+def _squared_norm(values: Tensor) -> Tensor:
+    """Squared length of (..., 3) vectors: (...); summing the channels as three slices is 2.5x
+    faster on CPU than reducing the last dimension of size 3."""
+    squares = values.square()
+    return squares[..., 0] + squares[..., 1] + squares[..., 2]
+
+
+class _PointErrors(torch.autograd.Function):
+    """From (B, T, P, 3) predictions, targets and a (B, T, 1, 1) frame mask: the squared error
+    per frame and point (B, T, P), the same of the error's frame difference (B, T-1, P), and the
+    predictions' standard deviation over real frames (B, P, 3).
+
+    The backward is written out: autograd's graph of the same formulas took a quarter of a CPU
+    training step, a hundred passes over tensors of this size where this takes about twenty.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, pred: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
+        error = pred - target
+        delta = error.diff(dim=1)
+        centred, count, spread = _spread(pred, mask)
+        ctx.save_for_backward(error, delta, centred, count, spread)
+        ctx.dtype = pred.dtype
+        return _squared_norm(error), _squared_norm(delta), spread
+
+    @staticmethod
+    def backward(
+        ctx: Any, squared: Tensor, speed: Tensor, spread: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        error, delta, centred, count, value = ctx.saved_tensors
+        grad = error * (2.0 * squared)[..., None]
+        flow = delta * (2.0 * speed)[..., None]
+        grad[:, 1:] += flow
+        grad[:, :-1] -= flow
+        grad += centred * (spread / (count * value))[:, None]
+        return grad.to(ctx.dtype), None, None
 
 
 def combined_loss(parts: MotionLoss, losses: LossConfig) -> Tensor:
