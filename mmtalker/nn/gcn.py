@@ -71,9 +71,12 @@ class GraphConvolution(nn.Module):
         """x (B, V, D), adjacency sparse (V, V) → (B, V, D)."""
         # Under autocast the sparse product stays in Â's precision: sparse kernels lack most
         # half-precision variants, and this product is a small share of the model's work.
+        # Autocast itself must be off for it: it would cast the product (an addmm) down again,
+        # and the backward then fails on the mixed dtypes.
         h = self.lin(x).to(adjacency.dtype)
         batch, nodes, dim = h.shape
-        h = torch.sparse.mm(adjacency, h.transpose(0, 1).reshape(nodes, batch * dim))
+        with torch.autocast(h.device.type, enabled=False):
+            h = torch.sparse.mm(adjacency, h.transpose(0, 1).reshape(nodes, batch * dim))
         return h.view(nodes, batch, dim).transpose(0, 1) + self.bias
 
 
