@@ -29,9 +29,9 @@ Protocol (the same for both models; every shared piece of machinery serves both)
 Printed: per seed and model LVE (x1e-5 m²), EVE (x1e-5 m²), MVE (mm), FDD and |FDD| (x1e-7 m²),
 lip sync (Pearson r of the mouth opening), per-region mean errors (mm) and training steps; then
 mean ± std over seeds, the ratios the targets refer to (MMTalker/baseline LVE per seed, EVE,
-|split FDD| and mean per-sequence |FDD|), the split FDD of each test speaker, the proxy table
-(LVE on each proxy, and each model's proxy LVE over its own test LVE), and MMTalker's learnt
-sampling density on lips and eyes.
+|split FDD| and mean per-sequence |FDD|), each test speaker's split FDD and lip sync, the proxy
+table (LVE on each proxy, and each model's proxy LVE over its own test LVE), and MMTalker's
+learnt sampling density on lips and eyes.
 Everything goes to OUT/accuracy.json; checkpoints to OUT/seedS/KIND. A benchmark: it reports
 figures and never fails on them.
 """
@@ -223,9 +223,10 @@ def augment_overrides(text: str) -> AugmentConfig:
 
 def score_sets(
     model: AnimationModel, sets: dict[str, tuple[list[Sequence], dict[str, np.ndarray]]]
-) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    """Metrics on every set, and the signed FDD of each test speaker from the same predictions:
-    with few test speakers the split value is mostly their speaking styles (bench/ceiling.py)."""
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Metrics on every set, and each test speaker's signed FDD and lip sync from the same
+    predictions: with few test speakers the split's values are mostly their speaking styles and
+    voices (bench/ceiling.py)."""
     scores, speakers = {}, {}
     for name, (sequences, templates) in sets.items():
         overall = MetricAccumulator.for_topology(model.topology)
@@ -236,7 +237,10 @@ def score_sets(
                 predicted, seq.vertices, template
             )
         scores[name] = overall.result().as_dict()
-        speakers[name] = {s: acc.result().fdd for s, acc in sorted(by_speaker.items())}
+        speakers[name] = {
+            s: {"fdd": result.fdd, "lip_sync": result.lip_sync}
+            for s, result in ((s, acc.result()) for s, acc in sorted(by_speaker.items()))
+        }
     return scores, speakers["test"]
 
 
@@ -327,7 +331,7 @@ def main() -> None:
     train_templates = {s: dataset.templates[s] for s in dataset.manifest.splits["train"].speakers}
     topology = attach_uv(dataset.topology, np.mean(list(train_templates.values()), axis=0))
     static = build_model("static", {}, topology, train_templates)
-    static_scores, static_fdd = score_sets(static, sets)
+    static_scores, static_by_speaker = score_sets(static, sets)
     results = {"static": static_scores}
     runs: dict[str, dict[int, dict[str, Any]]] = {kind: {} for kind in KINDS}
     density: dict[int, dict[str, float]] = {}
@@ -335,11 +339,11 @@ def main() -> None:
         for kind in KINDS:
             checkpoint = load_checkpoint(out / f"seed{seed}" / kind)
             print(f"scoring {kind} seed {seed} ...", file=sys.stderr, flush=True)
-            scores, fdd_by_speaker = score_sets(checkpoint.model, sets)
+            scores, by_speaker = score_sets(checkpoint.model, sets)
             history = checkpoint.metadata["history"]
             runs[kind][seed] = {
                 "scores": scores, "steps": history[-1]["steps"], "history": history,
-                "fdd_by_speaker": fdd_by_speaker,
+                "by_speaker": by_speaker,
             }  # fmt: skip
             if kind == "mmtalker":
                 sampler = cast(MMTalker, checkpoint.model).sampler
@@ -410,13 +414,25 @@ def main() -> None:
             f"  MMTalker {name:<24}" + "".join(f"{v:8.3f}" for v in values) + f"   {targets[name]}"
         )
 
-    print("\nsplit FDD e-7 per test speaker (0 is perfect; static = the truth's own dynamics)")
-    print(f"{'model':<11}{'seed':>5}" + "".join(f"{name:>9}" for name in static_fdd))
-    print(f"{'static':<11}{'-':>5}" + "".join(f"{v * 1e7:>9.2f}" for v in static_fdd.values()))
-    for kind in KINDS:
-        for seed in seeds:
-            values = runs[kind][seed]["fdd_by_speaker"].values()
-            print(f"{kind:<11}{seed:>5}" + "".join(f"{v * 1e7:>9.2f}" for v in values))
+    print(
+        "\nper test speaker: split FDD e-7 (0 is perfect; static = the truth's own dynamics) "
+        "and lip sync r"
+    )
+    names = list(static_by_speaker)
+    print(
+        f"{'model':<11}{'seed':>5}"
+        + "".join(f"{name + ' FDD':>13}" for name in names)
+        + "".join(f"{name + ' sync':>13}" for name in names)
+    )
+    rows = [("static", "-", static_by_speaker)] + [
+        (kind, str(seed), runs[kind][seed]["by_speaker"]) for kind in KINDS for seed in seeds
+    ]
+    for kind, seed, values in rows:
+        print(
+            f"{kind:<11}{seed:>5}"
+            + "".join(f"{values[n]['fdd'] * 1e7:>13.2f}" for n in names)
+            + "".join(f"{values[n]['lip_sync']:>13.3f}" for n in names)
+        )
 
     print("\nunseen-voice proxies: LVE e-5 (mean ± std over seeds; x own test LVE)")
     for name in sets:
@@ -444,7 +460,7 @@ def main() -> None:
         "learning_rates": args.learning_rates, "augment": args.augment.model_dump(),
         "load_average_at_start": load, "num_vertices": topology.num_vertices,
         "note": "metrics unscaled: metres (lve_l2, eve_l2, mve*), m² (lve, eve, fdd)",
-        "static": results["static"], "static_fdd_by_speaker": static_fdd, "runs": runs,
+        "static": results["static"], "static_by_speaker": static_by_speaker, "runs": runs,
         "ratios": ratios, "sampling_density": density,
     }  # fmt: skip
     (out / "accuracy.json").write_text(json.dumps(report, indent=2))
