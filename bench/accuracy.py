@@ -237,10 +237,8 @@ def score_sets(
                 predicted, seq.vertices, template
             )
         scores[name] = overall.result().as_dict()
-        speakers[name] = {
-            s: {"fdd": result.fdd, "lip_sync": result.lip_sync}
-            for s, result in ((s, acc.result()) for s, acc in sorted(by_speaker.items()))
-        }
+        per_speaker = {s: acc.result() for s, acc in sorted(by_speaker.items())}
+        speakers[name] = {s: {"fdd": r.fdd, "lip_sync": r.lip_sync} for s, r in per_speaker.items()}
     return scores, speakers["test"]
 
 
