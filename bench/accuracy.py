@@ -227,19 +227,19 @@ def score_sets(
     """Metrics on every set, and each test speaker's signed FDD and lip sync from the same
     predictions: with few test speakers the split's values are mostly their speaking styles and
     voices (bench/ceiling.py)."""
-    scores, speakers = {}, {}
+    scores = {}
+    test_speakers: dict[str, MetricAccumulator] = {}
     for name, (sequences, templates) in sets.items():
         overall = MetricAccumulator.for_topology(model.topology)
-        by_speaker: dict[str, MetricAccumulator] = {}
         for seq, template, predicted in predictions(model, sequences, templates):
             overall.add(predicted, seq.vertices, template)
-            by_speaker.setdefault(seq.speaker, MetricAccumulator.for_topology(model.topology)).add(
-                predicted, seq.vertices, template
-            )
+            if name == "test":
+                test_speakers.setdefault(
+                    seq.speaker, MetricAccumulator.for_topology(model.topology)
+                ).add(predicted, seq.vertices, template)
         scores[name] = overall.result().as_dict()
-        per_speaker = {s: acc.result() for s, acc in sorted(by_speaker.items())}
-        speakers[name] = {s: {"fdd": r.fdd, "lip_sync": r.lip_sync} for s, r in per_speaker.items()}
-    return scores, speakers["test"]
+    per_speaker = {s: acc.result() for s, acc in sorted(test_speakers.items())}
+    return scores, {s: {"fdd": r.fdd, "lip_sync": r.lip_sync} for s, r in per_speaker.items()}
 
 
 def run_parallel(commands: list[list[str]], jobs: int) -> None:
