@@ -58,6 +58,7 @@ from mmtalker.data.espeak import EspeakSynthesizer
 from mmtalker.data.face import make_template
 from mmtalker.data.sequence import Topology
 from mmtalker.data.synth import load_sentences
+from mmtalker.data.visemes import PHONES
 from mmtalker.geometry.uv import attach_uv, barycentric_interpolate, locate_uv, subdivide
 from mmtalker.inference import animate
 from mmtalker.nn.base import AnimationModel
@@ -121,11 +122,12 @@ def make_face(num_vertices: int) -> Face:
 
 
 def make_model(kind: str, face: Face, speech_path: str | None = None) -> AnimationModel:
-    """An untrained model of ``kind`` with the default config (pretrained encoder if a path)."""
-    config: dict[str, Any] = {}
+    """An untrained model of ``kind`` with the default config (pretrained encoder if a path) and
+    the phone readout a model trained on a corpus with phone labels has."""
+    speech: dict[str, Any] = {"phone_classes": len(PHONES), "phone_features": True}
     if speech_path is not None:
-        config["speech"] = {"kind": "pretrained", "path": speech_path}
-    return build_model(kind, config, face.topology, {SPEAKER: face.vertices}).eval()
+        speech.update(kind="pretrained", path=speech_path)
+    return build_model(kind, {"speech": speech}, face.topology, {SPEAKER: face.vertices}).eval()
 
 
 def save_base_wav2vec2(directory: str) -> str:

@@ -98,12 +98,14 @@ def model_for_dataset(
 
     A topology stored without a UV chart gets one, computed on the training speakers' mean
     face (deterministic, so every distributed worker builds the same model). With a phone loss
-    (``losses.phones``) and a dataset with phone labels, the speech encoder gets a phone readout.
+    (``losses.phones``) and a dataset with phone labels, the speech encoder gets a phone readout
+    whose posteriors the decoder reads too (unless the config sets ``speech.phone_features``).
     """
     phones = dataset.manifest.phone_names
     speech = kind in MODELS and "speech" in MODELS[kind].config_class.model_fields
     if losses is not None and losses.phones > 0 and phones and speech:
-        config = {**config, "speech": {**config.get("speech", {}), "phone_classes": len(phones)}}
+        speech_config = {"phone_features": True, **config.get("speech", {})}
+        config = {**config, "speech": {**speech_config, "phone_classes": len(phones)}}
     templates = training_templates(dataset)
     topology = dataset.topology
     if topology.uv is None:

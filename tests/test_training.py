@@ -134,6 +134,11 @@ def test_a_phone_loss_gives_models_of_labelled_corpora_a_phone_readout(
     for kind, config in configs.items():
         model = model_for_dataset(kind, config, dataset, LossConfig())
         assert model.config.speech.phone_classes == len(dataset.manifest.phone_names)
+        assert model.phone_readout.feedback is not None
+        # The decoder reads the posteriors unless the config says otherwise.
+        speech = {**config["speech"], "phone_features": False}
+        model = model_for_dataset(kind, {**config, "speech": speech}, dataset, LossConfig())
+        assert model.phone_readout.feedback is None
         assert model_for_dataset(kind, config, dataset, LossConfig(phones=0)).phone_readout is None
     # A corpus without phone labels trains without the readout, phone loss or not.
     dataset.manifest = dataset.manifest.model_copy(update={"phone_names": []})

@@ -27,7 +27,12 @@ from mmtalker.losses import (
     vertex_weights,
 )
 from mmtalker.nn.base import AnimationModel, check_attention_widths
-from mmtalker.nn.speech import SpeechConfig, build_speech_encoder, phone_readout
+from mmtalker.nn.speech import (
+    SpeechConfig,
+    build_speech_encoder,
+    decoder_levels,
+    phone_readout,
+)
 
 #: Dilated blocks per speech level of the baseline (the shared encoder's default is 1).
 BASELINE_SPEECH_BLOCKS = 3
@@ -170,7 +175,8 @@ class FaceFormer(AnimationModel):
         self, audio: Tensor, num_frames: int, audio_lengths: Tensor | None = None
     ) -> Tensor:
         """The speech encoder's deepest level at the frame rate, projected: (B, T, dim)."""
-        return self.audio_map(self.speech(audio, num_frames, audio_lengths)[-1])
+        levels = decoder_levels(self.phone_readout, self.speech(audio, num_frames, audio_lengths))
+        return self.audio_map(levels[-1])
 
     def decode(self, tokens: Tensor, features: Tensor) -> Tensor:
         """Decoder states (B, T, dim) for motion tokens and audio features, both (B, T, dim)."""
@@ -199,6 +205,9 @@ class FaceFormer(AnimationModel):
         phone loss when the speech encoder has a phone readout."""
         target = batch.displacements / self.displacement_scale
         levels = self.speech(batch.audio, batch.num_frames, batch.audio_lengths)
+        logits = None
+        if self.phone_readout is not None:
+            levels, logits = self.phone_readout(levels)
         features = self.audio_map(levels[-1])
         pred = self.teacher_forced(features, target, self.styles(batch.speakers, len(target)))
         weights, dynamics = (
@@ -212,8 +221,8 @@ class FaceFormer(AnimationModel):
         logs = {"loss": loss, "position": parts.position, "velocity": parts.velocity,
                 "lip_max": parts.lip_max}  # fmt: skip
         objective = loss
-        if self.phone_readout is not None:
-            logs["phones"] = phone_loss(self.phone_readout(levels), batch.phones)
+        if logits is not None:
+            logs["phones"] = phone_loss(logits, batch.phones)
             objective = loss + losses.phones * logs["phones"]
         return objective, {name: float(value.detach()) for name, value in logs.items()}
 

@@ -27,7 +27,12 @@ from mmtalker.nn.base import AnimationModel, check_attention_widths
 from mmtalker.nn.fusion import DualCrossAttentionFusion
 from mmtalker.nn.gcn import MeshEncoder
 from mmtalker.nn.head import UVRegressionHead
-from mmtalker.nn.speech import SpeechConfig, build_speech_encoder, phone_readout
+from mmtalker.nn.speech import (
+    SpeechConfig,
+    build_speech_encoder,
+    decoder_levels,
+    phone_readout,
+)
 
 #: Metres to model units for neutral positions: a face then spans about ±1.
 POSITION_SCALE = 10.0
@@ -151,7 +156,7 @@ class MMTalker(AnimationModel):
         frame_lengths: Tensor | None = None,
     ) -> Tensor:
         """Displacements (B, T, P, 3) in dataset units, added into ``out`` when given."""
-        levels = self.speech(audio, num_frames, audio_lengths)
+        levels = decoder_levels(self.phone_readout, self.speech(audio, num_frames, audio_lengths))
         motion = self._motion(levels, state.tokens, frame_lengths)
         return self.head(motion, state.basis, self.displacement_scale, out)
 
@@ -170,6 +175,9 @@ class MMTalker(AnimationModel):
         neutral = barycentric_interpolate(centred, faces, index, bary)
         target = barycentric_interpolate(batch.displacements, faces, index, bary)
         levels = self.speech(batch.audio, batch.num_frames, batch.audio_lengths)
+        logits = None
+        if self.phone_readout is not None:
+            levels, logits = self.phone_readout(levels)
         motion = self._motion(levels, self._tokens(centred), batch.frame_lengths)
         pred = self.head(motion, self.head.point_basis(uv, neutral))
         factors = np.stack(
@@ -201,7 +209,7 @@ class MMTalker(AnimationModel):
             "loss": surface, "position": parts.position, "velocity": parts.velocity,
             "lip_max": parts.lip_max, "coverage": coverage,
         }  # fmt: skip
-        if self.phone_readout is not None:
-            logs["phones"] = phone_loss(self.phone_readout(levels), batch.phones)
+        if logits is not None:
+            logs["phones"] = phone_loss(logits, batch.phones)
             loss = loss + losses.phones * logs["phones"]
         return loss, {name: float(value.detach()) for name, value in logs.items()}

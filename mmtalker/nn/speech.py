@@ -85,6 +85,10 @@ class SpeechConfig(BaseModel):
     #: Phone classes of a linear readout from the features (0: none), trained by the phone loss
     #: (``losses.phones``) on corpora with phone labels; training sets it from the dataset.
     phone_classes: int = Field(0, ge=0)
+    #: With a phone readout: its phone posteriors, projected, are added to the deepest level, so
+    #: the motion decoder reads which phone is spoken (a phonetic posteriorgram, as voice
+    #: conversion uses for speaker independence). Off in checkpoints from before it existed.
+    phone_features: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> SpeechConfig:
@@ -125,19 +129,37 @@ def build_speech_encoder(config: SpeechConfig) -> SpeechEncoder:
 
 
 class PhoneReadout(nn.Module):
-    """Per-frame phone logits ``(B, T, phone_classes)`` from all levels' features, concatenated."""
+    """Per-frame phone logits ``(B, T, phone_classes)`` from all levels' features, concatenated;
+    with ``phone_features`` their posteriors also feed the deepest level."""
 
     def __init__(self, config: SpeechConfig) -> None:
         super().__init__()
         self.linear = nn.Linear(config.dim * config.levels, config.phone_classes)
+        self.feedback = (
+            nn.Linear(config.phone_classes, config.dim) if config.phone_features else None
+        )
 
-    def forward(self, levels: list[Tensor]) -> Tensor:
-        return self.linear(torch.cat(levels, dim=-1))
+    def forward(self, levels: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """The levels the motion decoder reads, and the phone logits."""
+        logits = self.linear(torch.cat(levels, dim=-1))
+        if self.feedback is None:
+            return levels, logits
+        # Detached, so the posteriors stay the phone loss's alone: the motion losses shape how
+        # they are read, not what they say.
+        posteriors = torch.softmax(logits.detach(), dim=-1)
+        return [*levels[:-1], levels[-1] + self.feedback(posteriors)], logits
 
 
 def phone_readout(config: SpeechConfig) -> PhoneReadout | None:
     """The readout ``config.phone_classes`` asks for, if any."""
     return PhoneReadout(config) if config.phone_classes else None
+
+
+def decoder_levels(readout: PhoneReadout | None, levels: list[Tensor]) -> list[Tensor]:
+    """The levels a motion decoder reads at inference: the readout runs only if it feeds them."""
+    if readout is None or readout.feedback is None:
+        return levels
+    return readout(levels)[0]
 
 
 def resample_frames(features: Tensor, num_frames: int, span: float) -> Tensor:

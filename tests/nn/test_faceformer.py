@@ -249,12 +249,18 @@ def test_trainer_steps_on_a_synthetic_corpus(tmp_path: Path) -> None:
         assert all(np.isfinite(value) for value in logs.values())
 
 
-def test_phone_readout_adds_the_phone_loss_and_reaches_every_level() -> None:
-    model = _model(speech=SpeechConfig(dim=32, levels=2, n_mels=16, phone_classes=5))
+@pytest.mark.parametrize("phone_features", [False, True])
+def test_phone_readout_adds_the_phone_loss_and_reaches_every_level(phone_features: bool) -> None:
+    speech = SpeechConfig(
+        dim=32, levels=2, n_mels=16, phone_classes=5, phone_features=phone_features
+    )
+    model = _model(speech=speech)
     batch = dataclasses.replace(_batch(), phones=torch.randint(-1, 5, (2, 12)))
     objective, logs = model.training_loss(batch, LossConfig(phones=0.5))
     assert logs["phones"] > 0
     assert objective.item() == pytest.approx(logs["loss"] + 0.5 * logs["phones"], rel=1e-5)
     objective.backward()
-    # The readout reads every level, so the shallow levels' heads are trained too.
+    # The readout reads every level, so the shallow levels' heads are trained too (and with
+    # phone features, the decoder's reading of the posteriors).
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    assert (model.phone_readout.feedback is not None) == phone_features

@@ -206,3 +206,23 @@ def test_phone_readout_trains_the_speech_features(
     loss.backward()
     assert logs["phones"] == 0
     assert model.phone_readout.linear.weight.grad is not None
+
+
+def test_phone_features_reach_the_motion_in_training_and_inference(
+    small_config: MMTalkerConfig, small_face: tuple
+) -> None:
+    templates, topology = small_face
+    speech = small_config.speech.model_copy(update={"phone_classes": 5, "phone_features": True})
+    torch.manual_seed(0)
+    model = MMTalker(small_config.model_copy(update={"speech": speech}), topology, templates)
+    batch = _batch(templates)
+    loss, _ = model.train().training_loss(batch, LossConfig(points=64, phones=0.0))
+    loss.backward()
+    assert model.phone_readout.feedback.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        state = model.prepare(batch.templates)
+        before = model.animate(batch.audio, 12, state)
+        model.phone_readout.feedback.bias.add_(1.0)
+        after = model.animate(batch.audio, 12, state)
+    assert not torch.allclose(before, after)

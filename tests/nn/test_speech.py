@@ -26,6 +26,8 @@ from mmtalker.nn.speech import (
     SpeechConfig,
     _standardize,
     build_speech_encoder,
+    decoder_levels,
+    phone_readout,
     resample_frames,
 )
 
@@ -232,6 +234,27 @@ def test_light_trains_end_to_end(frequency_channels: int) -> None:
     assert encoder.stem.in_channels == (frequency_channels * 32 or 64)
     sum(level.square().mean() for level in encoder(speechlike(1.0), 30)).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())
+
+
+def test_phone_readout_feeds_its_posteriors_to_the_deepest_level_only() -> None:
+    torch.manual_seed(0)
+    levels = [torch.randn(2, 7, 16, requires_grad=True) for _ in range(3)]
+    plain = phone_readout(SpeechConfig(dim=16, levels=3, phone_classes=5))
+    assert plain is not None and plain.feedback is None
+    assert decoder_levels(plain, levels) is levels
+    assert decoder_levels(None, levels) is levels
+    readout = phone_readout(SpeechConfig(dim=16, levels=3, phone_classes=5, phone_features=True))
+    assert readout is not None and readout.feedback is not None
+    fed, logits = readout(levels)
+    assert logits.shape == (2, 7, 5)
+    assert fed[0] is levels[0] and fed[1] is levels[1]
+    posteriors = torch.softmax(logits, dim=-1)
+    torch.testing.assert_close(fed[2], levels[2] + readout.feedback(posteriors))
+    torch.testing.assert_close(decoder_levels(readout, levels)[2], fed[2])
+    # The motion losses teach how the posteriors are read, never what they say.
+    fed[2].square().sum().backward()
+    assert readout.linear.weight.grad is None
+    assert readout.feedback.weight.grad.abs().sum() > 0
 
 
 # --- pretrained encoders --------------------------------------------------------------------
