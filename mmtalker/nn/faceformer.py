@@ -32,6 +32,7 @@ from mmtalker.nn.speech import (
     build_speech_encoder,
     decoder_levels,
     phone_readout,
+    read_phones,
 )
 
 #: Dilated blocks per speech level of the baseline (the shared encoder's default is 1).
@@ -204,10 +205,9 @@ class FaceFormer(AnimationModel):
         """Position and velocity loss of teacher-forced predictions over every vertex, plus the
         phone loss when the speech encoder has a phone readout."""
         target = batch.displacements / self.displacement_scale
-        levels = self.speech(batch.audio, batch.num_frames, batch.audio_lengths)
-        logits = None
-        if self.phone_readout is not None:
-            levels, logits = self.phone_readout(levels)
+        levels, logits = read_phones(
+            self.phone_readout, self.speech(batch.audio, batch.num_frames, batch.audio_lengths)
+        )
         features = self.audio_map(levels[-1])
         pred = self.teacher_forced(features, target, self.styles(batch.speakers, len(target)))
         weights, dynamics = (

@@ -32,6 +32,7 @@ from mmtalker.nn.speech import (
     build_speech_encoder,
     decoder_levels,
     phone_readout,
+    read_phones,
 )
 
 #: Metres to model units for neutral positions: a face then spans about ±1.
@@ -174,10 +175,9 @@ class MMTalker(AnimationModel):
         uv = barycentric_interpolate(self.uv, faces, index, bary)
         neutral = barycentric_interpolate(centred, faces, index, bary)
         target = barycentric_interpolate(batch.displacements, faces, index, bary)
-        levels = self.speech(batch.audio, batch.num_frames, batch.audio_lengths)
-        logits = None
-        if self.phone_readout is not None:
-            levels, logits = self.phone_readout(levels)
+        levels, logits = read_phones(
+            self.phone_readout, self.speech(batch.audio, batch.num_frames, batch.audio_lengths)
+        )
         motion = self._motion(levels, self._tokens(centred), batch.frame_lengths)
         pred = self.head(motion, self.head.point_basis(uv, neutral))
         factors = np.stack(

@@ -155,6 +155,13 @@ def phone_readout(config: SpeechConfig) -> PhoneReadout | None:
     return PhoneReadout(config) if config.phone_classes else None
 
 
+def read_phones(
+    readout: PhoneReadout | None, levels: list[Tensor]
+) -> tuple[list[Tensor], Tensor | None]:
+    """The levels a motion decoder reads in training, and the phone logits (None: no readout)."""
+    return (levels, None) if readout is None else readout(levels)
+
+
 def decoder_levels(readout: PhoneReadout | None, levels: list[Tensor]) -> list[Tensor]:
     """The levels a motion decoder reads at inference: the readout runs only if it feeds them."""
     if readout is None or readout.feedback is None:

@@ -28,6 +28,7 @@ from mmtalker.nn.speech import (
     build_speech_encoder,
     decoder_levels,
     phone_readout,
+    read_phones,
     resample_frames,
 )
 
@@ -243,6 +244,7 @@ def test_phone_readout_feeds_its_posteriors_to_the_deepest_level_only() -> None:
     assert plain is not None and plain.feedback is None
     assert decoder_levels(plain, levels) is levels
     assert decoder_levels(None, levels) is levels
+    assert read_phones(None, levels) == (levels, None)
     readout = phone_readout(SpeechConfig(dim=16, levels=3, phone_classes=5, phone_features=True))
     assert readout is not None and readout.feedback is not None
     fed, logits = readout(levels)
