@@ -297,12 +297,12 @@ def animate_face(
     from mmtalker.rig.head import assemble, display_head, head_points, head_topology
 
     head = display_head(topology)
-    uv, neutral = head_points(topology, face.head)
+    uv, surface = head_points(topology, face.head, head)
     points = PointSet(
-        torch.from_numpy(uv).to(device), torch.from_numpy(neutral)[None].to(device)
+        torch.from_numpy(uv).to(device), torch.from_numpy(surface)[None].to(device)
     )  # fmt: skip
     moving = animate(audio, face.template, model, points=points, **options)  # type: ignore[arg-type]
-    vertices = assemble(topology, face.head, moving)
+    vertices = assemble(topology, face.head, moving - surface[None])
     return Animation(vertices, head_topology(head), head.with_neutral(face.head))
 
 

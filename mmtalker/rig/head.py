@@ -5,8 +5,9 @@ onto the committed head (:func:`head_display`): every head vertex that expressio
 neck, mouth and eye sockets; not the eyeballs) is located on the training mesh, so a model that
 learnt displacements over the training mesh's UV chart is queried at those points and animates
 the head at full resolution, an open mouth showing the mouth socket (:func:`head_points`,
-:func:`assemble`). A speaker's head comes from identity weights fitted to their neutral face at
-the training resolution (:func:`head_neutral`), or from a user's own head in the ICT topology.
+:func:`assemble`): each vertex moves as the surface point it is located at does. A speaker's
+head comes from identity weights fitted to their neutral face at the training resolution
+(:func:`head_neutral`), or from a user's own head in the ICT topology.
 """
 
 from __future__ import annotations
@@ -83,22 +84,34 @@ def head_template(topology: Topology, neutral: np.ndarray, head: Rig) -> np.ndar
     )
 
 
-def head_points(topology: Topology, neutral: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """UV (P, 2) on the topology's chart and neutral positions (P, 3) of the animated vertices."""
+def head_points(
+    topology: Topology, neutral: np.ndarray, head: Rig
+) -> tuple[np.ndarray, np.ndarray]:
+    """UV (P, 2) and neutral positions (P, 3) of the surface points the animated vertices of the
+    head ``neutral`` (V_head, 3) lie at on the topology's chart.
+
+    The positions are the points' own, on the person's face at the topology's resolution: a
+    mouth-socket vertex is read at the lip point it moves with, not at its place behind the
+    skin, which pairs that point's UV with a position no training point had.
+    """
     display = _display(topology)
     if topology.uv is None:
         raise RigError("the topology has no UV chart; the model's topology carries one")
-    uv = barycentric_interpolate(
-        topology.uv, topology.faces, display.triangles, display.barycentric
-    )
-    return uv, np.asarray(neutral, np.float32)[display.animated]
+
+    def at_points(values: np.ndarray) -> np.ndarray:
+        return barycentric_interpolate(
+            values, topology.faces, display.triangles, display.barycentric
+        )
+
+    return at_points(topology.uv), at_points(head_template(topology, neutral, head))
 
 
-def assemble(topology: Topology, neutral: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Head frames (T, V_head, 3): the neutral, its animated vertices at ``points`` (T, P, 3)."""
+def assemble(topology: Topology, neutral: np.ndarray, displacements: np.ndarray) -> np.ndarray:
+    """Head frames (T, V_head, 3): the neutral, its animated vertices moved by ``displacements``
+    (T, P, 3), those of their :func:`head_points`."""
     display = _display(topology)
-    frames = np.repeat(np.asarray(neutral, np.float32)[None], len(points), axis=0)
-    frames[:, display.animated] = points
+    frames = np.repeat(np.asarray(neutral, np.float32)[None], len(displacements), axis=0)
+    frames[:, display.animated] += displacements
     return frames
 
 

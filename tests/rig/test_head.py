@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from mmtalker.inference import animate, animate_face, resolve_face
 from mmtalker.io.export import write_outputs
 from mmtalker.nn.mmtalker import MMTalkerConfig
 from mmtalker.rig import load_ict
-from mmtalker.rig.head import STILL_PARTS, head_neutral, head_template
+from mmtalker.rig.head import STILL_PARTS, head_neutral, head_regions, head_template
 from mmtalker.training import model_for_dataset
 
 RATE = 16000
@@ -71,6 +72,27 @@ def test_the_whole_head_moves_where_the_model_mesh_moves(checkpoint: Checkpoint)
     motion = own - face.template[None]
     error = np.linalg.norm(back - own, axis=-1).mean() / np.linalg.norm(motion, axis=-1).mean()
     assert error < 0.25
+
+
+def test_vertices_off_the_skin_move_as_the_surface_point_they_lie_at(
+    checkpoint: Checkpoint,
+) -> None:
+    # The mouth socket is read at the lip point it moves with: where it sits behind the skin
+    # must not change how it moves (a query at its own place poked it through the skin).
+    face = resolve_face(checkpoint, speaker=checkpoint.model.speakers[0])
+    assert face.head is not None
+    socket = head_regions(load_ict())["mouth_socket"]
+    deeper = face.head.copy()
+    deeper[socket, 2] -= 0.005
+    moved = {
+        name: animate_face(_speech(), replace(face, head=neutral), checkpoint, sample_rate=RATE)
+        for name, neutral in (("as is", face.head), ("deeper", deeper))
+    }
+    motion = moved["as is"].vertices[:, socket] - face.head[None, socket]
+    assert np.abs(motion).max() > 1e-4
+    np.testing.assert_allclose(
+        moved["deeper"].vertices[:, socket] - deeper[None, socket], motion, atol=1e-6
+    )
 
 
 def test_faces_by_identity_seed_and_by_mesh_file(checkpoint: Checkpoint, tmp_path: Path) -> None:
