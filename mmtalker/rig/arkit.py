@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from mmtalker.errors import RigError
-from mmtalker.rig.rig import Rig
+from mmtalker.rig.rig import FACE_PART, Rig
 
 # Column order of a Live Link Face (Epic Games' iPhone app) CSV take, after Timecode and
 # BlendShapeCount, with the first letter lowered: ARKit's names. Read off the header the
@@ -97,8 +97,15 @@ class ArkitSolver:
     """
 
     def __init__(self, rig: Rig, vertices: np.ndarray | None = None) -> None:
-        """Fit to ``vertices`` (indices) of the rig only, or to all of them."""
+        """Fit to ``vertices`` (indices) of the rig only; by default to its face part, or to all
+        of its vertices if it has none."""
         self.rig = rig
+        if vertices is None and FACE_PART in rig.parts:
+            # A whole head's other moving vertices (mouth and eye sockets, neck) are carried from
+            # the face by the model's display map: they add no evidence, only the map's error
+            # (ICT benchmark: driven channels' error 0.036 fitted to them too, 0.032 without).
+            face = rig.parts[FACE_PART].vertices
+            vertices = np.arange(face.start, face.stop)
         self.vertices = None if vertices is None else np.asarray(vertices, dtype=np.int64)
         index = slice(None) if self.vertices is None else self.vertices
         basis = rig.shapes[:, index].reshape(rig.num_shapes, -1)
