@@ -79,6 +79,9 @@ bench: setup
 	$(BIN)/python bench/multires.py
 	$(BIN)/python bench/arkit_recovery.py --data $(WORK)/datasets/ict-2500v \
 		--checkpoint $(WORK)/bench/multires/coarse
+	$(BIN)/mmtalker data clips --out $(WORK)/catalogs/bench --count 12
+	$(BIN)/python bench/whole_head.py --data $(WORK)/datasets/ict-2500v \
+		--checkpoint $(WORK)/bench/multires/coarse --catalog $(WORK)/catalogs/bench
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/batch_throughput.py
 	$(BIN)/python bench/render.py
