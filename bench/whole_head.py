@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from pathlib import Path
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -34,8 +33,8 @@ from mmtalker.rig import load_ict
 from mmtalker.rig.arkit import arkit_to_rig
 from mmtalker.rig.head import head_regions
 from mmtalker.rig.rig import FACE_PART, Rig
+from mmtalker_platform.catalog import list_catalog
 
-AUDIO = (".wav", ".flac", ".ogg", ".mp3")
 # Socket vertices this far below the lips' top or higher are above the mouth opening.
 OPENING_MARGIN_M = 0.004
 # Face triangles (nearest centroids in the image plane) tested for covering a vertex.
@@ -95,12 +94,12 @@ def main() -> None:
     for name in parts:
         print(f"{name:<18} {1e3 * np.mean(errors[name]):9.3f} {1e3 * np.mean(still[name]):10.3f}")
 
-    clips = sorted(p for p in Path(args.catalog).iterdir() if p.suffix.lower() in AUDIO)
+    clips = list_catalog(args.catalog)
     face = resolve_face(checkpoint)
     socket, lips = regions["mouth_socket"], regions["lips"]
     counts = []
     for clip in clips:
-        audio, rate = load_audio(clip)
+        audio, rate = load_audio(clip.audio_uri)
         frames = animate_face(audio, face, checkpoint, sample_rate=rate).vertices
         counts += [showing_through(frame, head, socket, lips) for frame in frames]
     shown = np.asarray(counts)
