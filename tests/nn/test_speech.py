@@ -27,9 +27,13 @@ from mmtalker.nn.speech import (
     _standardize,
     build_speech_encoder,
     decoder_levels,
+    mel_filterbank,
     phone_readout,
     read_phones,
+    register_factor,
     resample_frames,
+    voice_pitch,
+    warp_spectrum,
 )
 
 # transformers' WavLM attention mixes a float bias with a boolean padding mask; not ours to fix.
@@ -112,6 +116,8 @@ def test_config_rejects_inconsistent_settings() -> None:
         SpeechConfig(kind="pretrained")
     with pytest.raises(ValidationError, match="one hidden-state index per level"):
         SpeechConfig(layers=[1, 2], levels=3)
+    with pytest.raises(ValidationError, match="register_hz applies to the light encoder"):
+        SpeechConfig(kind="pretrained", path="model", register_hz=120.0)
     with pytest.raises(ValidationError, match="sorted"):
         SpeechConfig(layers=[3, 1], levels=2)
     with pytest.raises(ValidationError, match="greater than or equal to 2"):
@@ -159,13 +165,96 @@ def test_light_is_deterministic() -> None:
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("frequency_channels", [0, 8])
-def test_light_padded_batch_matches_unpadded(frequency_channels: int) -> None:
+def voice(pitch: float, seconds: float = 1.5, formant_scale: float = 1.0) -> torch.Tensor:
+    """A vowel-like voice: a pulse train at ``pitch`` through resonances at 700, 1200 and
+    2500 Hz (times ``formant_scale``), on for 0.3 s and off for 0.1 s."""
+    t = torch.arange(round(seconds * SR)) / SR
+    pulses = torch.zeros_like(t)
+    pulses[(torch.arange(0.0, seconds, 1.0 / pitch) * SR).long()] = 1.0
+    ring = torch.arange(400) / SR
+    resonances = sum(
+        torch.exp(-ring * 300) * torch.sin(2 * torch.pi * hz * formant_scale * ring)
+        for hz in (700.0, 1200.0, 2500.0)
+    )
+    out = torch.nn.functional.conv1d(
+        pulses[None, None], resonances.flip(0)[None, None], padding=399
+    )[0, 0, : len(t)]
+    return (0.3 * out / out.abs().max() * ((t % 0.4) < 0.3))[None].float()
+
+
+@pytest.mark.parametrize("pitch", [85.0, 120.0, 210.0, 300.0, 330.0])
+def test_voice_pitch_of_voiced_audio(pitch: float) -> None:
+    found = voice_pitch(voice(pitch), torch.tensor([round(1.5 * SR)]), SR)
+    assert found.item() == pytest.approx(pitch, rel=0.05)
+
+
+def test_voice_pitch_is_unknown_without_a_voice_and_ignores_padding() -> None:
+    noise = torch.randn(1, SR, generator=torch.Generator().manual_seed(0)) * 0.1
+    silence = torch.zeros(1, SR)
+    assert voice_pitch(torch.cat([noise, silence]), torch.tensor([SR, SR]), SR).isnan().all()
+    low, high = voice(100.0), voice(200.0, seconds=1.0)
+    # A short high voice padded with the low one's audio: the padding is not heard.
+    batch = torch.cat([low, torch.cat([high, low[:, : SR // 2]], dim=1)])
+    together = voice_pitch(batch, torch.tensor([low.shape[1], high.shape[1]]), SR)
+    alone = [voice_pitch(x, torch.tensor([x.shape[1]]), SR) for x in (low, high)]
+    assert together.tolist() == [alone[0].item(), alone[1].item()]
+
+
+def test_register_factor_moves_higher_voices_down_within_bounds() -> None:
+    pitch = torch.tensor([120.0, 150.0, 240.0, 60.0, float("nan")])
+    factor = register_factor(pitch, 120.0)
+    expected = [1.0, 0.8 ** (1 / 3), 0.8, 1.0, 1.0]  # 2 ** (-1/3) = 0.794: bounded at 0.8
+    assert factor.tolist() == pytest.approx(expected)
+
+
+def test_warp_spectrum_moves_every_frequency_by_the_factor() -> None:
+    power = torch.zeros(3, 201, 2)
+    power[:, 100] = 1.0
+    warped = warp_spectrum(power, torch.tensor([1.0, 0.8, 1.25]))
+    assert warped[0].equal(power[0])
+    assert warped[1].argmax(0).tolist() == [80, 80]
+    assert warped[2].argmax(0).tolist() == [125, 125]
+    # Lowered, the top of the band reads past Nyquist: nothing is there.
+    assert (warp_spectrum(torch.ones(1, 201, 2), torch.tensor([0.8]))[0, 161:] == 0).all()
+
+
+def test_register_normalisation_brings_a_higher_voice_towards_a_lower_one() -> None:
+    # Twice the pitch with formants 2 ** (1/3) higher (a smaller vocal tract): moved to the
+    # lower voice's register, its spectral envelope meets the lower voice's.
+    low, high = voice(110.0), voice(220.0, formant_scale=2 ** (1 / 3))
+    lengths = torch.tensor([low.shape[1]])
+    filters = mel_filterbank(SR, 400, 32).T
+
+    def envelope(audio: torch.Tensor, register_hz: float) -> torch.Tensor:
+        power = torch.stft(audio, 400, 160, window=torch.hann_window(400), return_complex=True)
+        power = power.abs().square().mean(-1, keepdim=True)
+        factor = register_factor(voice_pitch(audio, lengths, SR), register_hz)
+        # Bands below 6 kHz: lowered by 0.8, the top fifth of the band reads past Nyquist.
+        return torch.log(filters @ warp_spectrum(power, factor)[0, :, 0] + 1e-9)[:26]
+
+    before = relative(envelope(high, 220.0), envelope(low, 110.0))
+    after = relative(envelope(high, 110.0), envelope(low, 110.0))
+    assert after < 0.5 * before
+
+
+def test_light_encoder_moves_voices_off_its_register_only() -> None:
+    high, lengths = voice(220.0), torch.tensor([round(1.5 * SR)])
+    plain = light().log_mel(high, lengths)
+    at_its_register = light(register_hz=220.0).log_mel(high, lengths)
+    lowered = light(register_hz=110.0).log_mel(high, lengths)
+    # Read at its own pitch, the voice's spectrum stays where it was (up to the interpolation).
+    assert relative(at_its_register, plain) < 0.1 < 0.2 < relative(lowered, plain)
+
+
+@pytest.mark.parametrize(("frequency_channels", "register_hz"), [(0, None), (8, None), (0, 120.0)])
+def test_light_padded_batch_matches_unpadded(
+    frequency_channels: int, register_hz: float | None
+) -> None:
     short, long = speechlike(1.0, seed=1), speechlike(2.0, seed=2)
     # Garbage in the padding must not matter: only audio_lengths says what is speech.
     batch = torch.cat([torch.cat([short, torch.randn(1, SR)], dim=1), long])
     lengths = torch.tensor([SR, 2 * SR])
-    encoder = light(frequency_channels=frequency_channels)
+    encoder = light(frequency_channels=frequency_channels, register_hz=register_hz)
     together = encoder(batch, 60, audio_lengths=lengths)
     alone_short = encoder(short, 30)
     alone_long = encoder(long, 60)
