@@ -231,6 +231,9 @@ _PITCH_WINDOW_SECONDS = 0.040
 _PITCH_RANGE_HZ = (60.0, 400.0)
 _VOICING_THRESHOLD = 0.6
 _MIN_VOICED_FRAMES = 5
+#: A periodic frame correlates as well at two or three periods as at one: the period is the
+#: first local maximum within this share of the highest (else a 300 Hz voice can read 100 Hz).
+_OCTAVE_TOLERANCE = 0.8
 
 
 def voice_pitch(audio: Tensor, lengths: Tensor, sample_rate: int) -> Tensor:
@@ -239,8 +242,8 @@ def voice_pitch(audio: Tensor, lengths: Tensor, sample_rate: int) -> Tensor:
     audio = F.avg_pool1d(_zero_padding(audio, lengths)[:, None], _PITCH_DECIMATION, ceil_mode=True)
     audio = audio[:, 0]
     lengths = -(-lengths // _PITCH_DECIMATION)
-    sample_rate = sample_rate / _PITCH_DECIMATION
-    win, hop = round(_PITCH_WINDOW_SECONDS * sample_rate), round(_PITCH_HOP_SECONDS * sample_rate)
+    rate = sample_rate / _PITCH_DECIMATION
+    win, hop = round(_PITCH_WINDOW_SECONDS * rate), round(_PITCH_HOP_SECONDS * rate)
     audio = F.pad(audio, (0, max(0, win - audio.shape[1])))
     frames = audio.unfold(1, win, hop)
     window = torch.hann_window(win, device=audio.device)
@@ -249,21 +252,19 @@ def voice_pitch(audio: Tensor, lengths: Tensor, sample_rate: int) -> Tensor:
     lags = torch.fft.irfft(torch.fft.rfft(frames, n=2 * win).abs().square(), n=2 * win)[..., :win]
     own = torch.fft.irfft(torch.fft.rfft(window, n=2 * win).abs().square(), n=2 * win)[:win]
     lags = lags / own.clamp_min(1e-3 * own[0])
-    low, high = (round(sample_rate / hz) for hz in reversed(_PITCH_RANGE_HZ))
+    low, high = (round(rate / hz) for hz in reversed(_PITCH_RANGE_HZ))
     norm = lags[..., low:high] / lags[..., :1].clamp_min(1e-12)
-    # A periodic frame correlates as well at two or three periods as at one: the period is the
-    # first local maximum within 80% of the highest (else a 300 Hz voice can read as 100 Hz).
     peak = norm.amax(-1, keepdim=True)
     local = F.pad(norm[..., 1:-1] >= norm[..., :-2], (1, 1)) & F.pad(
         norm[..., 1:-1] >= norm[..., 2:], (1, 1)
     )
-    lag = (local & (norm >= 0.8 * peak)).float().argmax(-1)
+    lag = (local & (norm >= _OCTAVE_TOLERANCE * peak)).float().argmax(-1)
     peak = peak[..., 0]
     energy = lags[..., 0]
     whole = torch.arange(frames.shape[1], device=audio.device)[None] * hop + win <= lengths[:, None]
     loud = energy > 1e-3 * (energy * whole).amax(-1, keepdim=True)
     voiced = whole & loud & (peak > _VOICING_THRESHOLD)
-    pitch = torch.where(voiced, sample_rate / (lag + low).float(), torch.nan)
+    pitch = torch.where(voiced, rate / (lag + low).float(), torch.nan)
     median = pitch.nanmedian(dim=-1).values
     return torch.where(voiced.sum(-1) >= _MIN_VOICED_FRAMES, median, torch.nan)
 

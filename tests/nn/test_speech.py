@@ -244,6 +244,8 @@ def test_light_encoder_moves_voices_off_its_register_only() -> None:
     lowered = light(register_hz=110.0).log_mel(high, lengths)
     # Read at its own pitch, the voice's spectrum stays where it was (up to the interpolation).
     assert relative(at_its_register, plain) < 0.1 < 0.2 < relative(lowered, plain)
+    # Voices below the reference are left exactly as they are.
+    assert torch.equal(light(register_hz=300.0).log_mel(high, lengths), plain)
 
 
 @pytest.mark.parametrize(("frequency_channels", "register_hz"), [(0, None), (8, None), (0, 120.0)])
