@@ -236,6 +236,12 @@ _MIN_VOICED_FRAMES = 5
 _OCTAVE_TOLERANCE = 0.8
 
 
+def _autocorrelation(x: Tensor, lags: int) -> Tensor:
+    """The first ``lags`` lags of the autocorrelation along the last axis; zero-padding to twice
+    that length keeps the FFT's correlation linear, not circular."""
+    return torch.fft.irfft(torch.fft.rfft(x, n=2 * lags).abs().square(), n=2 * lags)[..., :lags]
+
+
 def voice_pitch(audio: Tensor, lengths: Tensor, sample_rate: int) -> Tensor:
     """Median pitch (Hz) of each item's voiced frames ``(B,)``, NaN where fewer than five frames
     are voiced; autocorrelation per frame, divided by the window's own to unbias long lags."""
@@ -248,10 +254,8 @@ def voice_pitch(audio: Tensor, lengths: Tensor, sample_rate: int) -> Tensor:
     frames = audio.unfold(1, win, hop)
     window = torch.hann_window(win, device=audio.device)
     frames = (frames - frames.mean(-1, keepdim=True)) * window
-    # Zero-padding to twice the window makes the FFT's autocorrelation linear, not circular.
-    lags = torch.fft.irfft(torch.fft.rfft(frames, n=2 * win).abs().square(), n=2 * win)[..., :win]
-    own = torch.fft.irfft(torch.fft.rfft(window, n=2 * win).abs().square(), n=2 * win)[:win]
-    lags = lags / own.clamp_min(1e-3 * own[0])
+    own = _autocorrelation(window, win)
+    lags = _autocorrelation(frames, win) / own.clamp_min(1e-3 * own[0])
     low, high = (round(rate / hz) for hz in reversed(_PITCH_RANGE_HZ))
     norm = lags[..., low:high] / lags[..., :1].clamp_min(1e-12)
     peak = norm.amax(-1, keepdim=True)
@@ -283,7 +287,8 @@ def warp_spectrum(power: Tensor, factor: Tensor) -> Tensor:
     source = torch.arange(bins, device=power.device)[None] / factor[:, None].to(power.dtype)
     low = source.floor().long().clamp(max=bins - 1)
     high = (low + 1).clamp(max=bins - 1)
-    weight = (source - low).clamp(0.0, 1.0)[..., None]
+    # Past the last bin both ends are that bin, so the weight's overshoot there changes nothing.
+    weight = (source - low)[..., None]
     below, above = (power.gather(1, i[..., None].expand(-1, -1, frames)) for i in (low, high))
     return torch.lerp(below, above, weight) * (source <= bins - 1)[..., None]
 
