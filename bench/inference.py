@@ -64,6 +64,7 @@ from mmtalker.geometry.uv import attach_uv, barycentric_interpolate, locate_uv, 
 from mmtalker.inference import animate
 from mmtalker.nn.base import AnimationModel
 from mmtalker.nn.mmtalker import PointSet
+from mmtalker.training import new_speech_config
 
 SAMPLE_RATE = 16000
 FPS = 30.0
@@ -124,10 +125,9 @@ def make_face(num_vertices: int) -> Face:
 
 def make_model(kind: str, face: Face, speech_path: str | None = None) -> AnimationModel:
     """An untrained model of ``kind`` with the default config (pretrained encoder if a path) and
-    the phone readout a model trained on a corpus with phone labels has."""
-    speech: dict[str, Any] = {"phone_classes": len(PHONES), "phone_features": True}
-    if speech_path is not None:
-        speech.update(kind="pretrained", path=speech_path)
+    the speech settings training gives it on a corpus with phone labels."""
+    pretrained = {"kind": "pretrained", "path": speech_path} if speech_path is not None else {}
+    speech = new_speech_config(pretrained, list(PHONES))
     return build_model(kind, {"speech": speech}, face.topology, {SPEAKER: face.vertices}).eval()
 
 

@@ -31,6 +31,7 @@ from mmtalker.eval.metrics import MetricAccumulator, Metrics
 from mmtalker.geometry.uv import attach_uv
 from mmtalker.losses import LossConfig
 from mmtalker.nn.base import AnimationModel
+from mmtalker.nn.speech import REGISTER_HZ
 
 
 class TrainConfig(BaseModel):
@@ -97,20 +98,32 @@ def model_for_dataset(
     """A fresh model for a dataset's topology and training speakers.
 
     A topology stored without a UV chart gets one, computed on the training speakers' mean
-    face (deterministic, so every distributed worker builds the same model). With a phone loss
-    (``losses.phones``) and a dataset with phone labels, the speech encoder gets a phone readout
-    whose posteriors the decoder reads too (unless the config sets ``speech.phone_features``).
+    face (deterministic, so every distributed worker builds the same model). A light speech
+    encoder normalises high voices' register (``speech.register_hz``, default ``REGISTER_HZ``).
+    With a phone loss (``losses.phones``) and a dataset with phone labels, the speech encoder
+    gets a phone readout whose posteriors the decoder reads too (unless the config sets
+    ``speech.phone_features``). What the config sets wins.
     """
-    phones = dataset.manifest.phone_names
-    speech = kind in MODELS and "speech" in MODELS[kind].config_class.model_fields
-    if losses is not None and losses.phones > 0 and phones and speech:
-        speech_config = {"phone_features": True, **config.get("speech", {})}
-        config = {**config, "speech": {**speech_config, "phone_classes": len(phones)}}
+    if kind in MODELS and "speech" in MODELS[kind].config_class.model_fields:
+        with_phones = losses is not None and losses.phones > 0
+        phones = dataset.manifest.phone_names if with_phones else []
+        config = {**config, "speech": new_speech_config(config.get("speech", {}), phones)}
     templates = training_templates(dataset)
     topology = dataset.topology
     if topology.uv is None:
         topology = attach_uv(topology, np.mean(list(templates.values()), axis=0))
     return build_model(kind, config, topology, templates)
+
+
+def new_speech_config(speech: dict[str, Any], phones: list[str]) -> dict[str, Any]:
+    """A new model's speech settings: ``speech`` over the defaults that only new models get."""
+    defaults: dict[str, Any] = {}
+    if speech.get("kind", "light") == "light":
+        defaults["register_hz"] = REGISTER_HZ
+    if phones:
+        defaults["phone_features"] = True
+    speech = {**defaults, **speech}
+    return {**speech, "phone_classes": len(phones)} if phones else speech
 
 
 def displacement_scale(sequences: Iterable[Sequence], templates: dict[str, np.ndarray]) -> float:

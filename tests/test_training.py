@@ -11,6 +11,7 @@ from mmtalker.errors import MMTalkerError
 from mmtalker.geometry.uv import attach_uv
 from mmtalker.losses import LossConfig
 from mmtalker.nn.mmtalker import MMTalkerConfig
+from mmtalker.nn.speech import REGISTER_HZ, SpeechConfig
 from mmtalker.training import (
     TrainConfig,
     Trainer,
@@ -19,6 +20,7 @@ from mmtalker.training import (
     evaluate,
     fit,
     model_for_dataset,
+    new_speech_config,
 )
 
 
@@ -121,6 +123,24 @@ def test_a_resumed_trainer_continues_the_weights_and_their_average(
         _fixed_batch_trainer(tiny_corpus, small_model, weight_average=0.9)[0].load_state_dict(
             plain.state_dict()
         )
+
+
+def test_new_light_encoders_normalise_the_register_unless_the_config_says_otherwise(
+    tiny_corpus: str,
+) -> None:
+    dataset = open_dataset(tiny_corpus)
+    speech = {"dim": 32, "levels": 2, "n_mels": 32}
+    config = {"speech": speech, "dim": 32, "heads": 2}
+    model = model_for_dataset("faceformer", config, dataset)
+    assert model.config.speech.register_hz == REGISTER_HZ
+    off = {**config, "speech": {**speech, "register_hz": None}}
+    assert model_for_dataset("faceformer", off, dataset).config.speech.register_hz is None
+    # A checkpoint's config is rebuilt as stored: those from before the option load without it.
+    assert SpeechConfig(**speech).register_hz is None
+    assert new_speech_config({"kind": "pretrained", "path": "wavlm"}, []) == {
+        "kind": "pretrained",
+        "path": "wavlm",
+    }
 
 
 def test_a_phone_loss_gives_models_of_labelled_corpora_a_phone_readout(

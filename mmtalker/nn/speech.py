@@ -92,7 +92,8 @@ class SpeechConfig(BaseModel):
     #: Light encoder: voices pitched above this (Hz) have their spectrum moved down before the
     #: log-mel, every frequency scaled by ``(register_hz / pitch) ** (1/3)`` down to 0.8, so a
     #: woman's formants meet a man's (vocal-tract-length normalisation); lower voices are left
-    #: as they are. None: off, as in checkpoints from before it existed (docs/accuracy.md).
+    #: as they are. None: off, as in checkpoints from before it existed; new models get
+    #: ``REGISTER_HZ`` (``training.model_for_dataset``; docs/accuracy.md).
     register_hz: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
@@ -215,6 +216,8 @@ def _check_inputs(audio: Tensor, num_frames: int, audio_lengths: Tensor | None) 
     return lengths
 
 
+#: New light encoders' ``register_hz``: about the training voices' median pitch (117 Hz).
+REGISTER_HZ = 120.0
 #: Formants scale about as the cube root of the pitch between voices (women's lie some 17%
 #: above men's at 1.8 times the pitch); the warp stays within these factors. Raising low voices
 #: too (up to 1.25) cost the espeak-ng test split in a screen (LVE 0.171 and 0.158 against
