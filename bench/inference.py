@@ -5,9 +5,9 @@ Usage: python bench/inference.py [--quick] [--seconds 60] [--faceformer-seconds 
 
 Every figure goes through ``mmtalker.inference.animate`` (chunked, cross-faded, output arrays
 included) on espeak-ng speech: one long utterance of sentences from the built-in list. Models are
-untrained with default configs plus the phone readout and posteriors a model trained on a corpus
-with phone labels has (speed does not depend on the weights) on procedural faces of about 5k and
-20k vertices with their UV charts:
+untrained with default configs plus the speech settings training gives a new model on a corpus
+with phone labels (phone readout and posteriors, register normalisation; speed does not depend
+on the weights) on procedural faces of about 5k and 20k vertices with their UV charts:
 
 * MMTalker, light speech encoder (log-mel + dilated convolutions);
 * MMTalker, a wav2vec2 *base-size* encoder (hidden 768, 12 layers, 12 heads, intermediate 3072,
