@@ -1,17 +1,19 @@
 import io
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from mmtalker.checkpoint import build_model
+from mmtalker.checkpoint import build_model, load_checkpoint, save_checkpoint
 from mmtalker.data.batch import Batch, collate
 from mmtalker.data.shards import open_dataset
 from mmtalker.errors import MMTalkerError
 from mmtalker.geometry.uv import attach_uv
 from mmtalker.losses import LossConfig
 from mmtalker.nn.mmtalker import MMTalkerConfig
-from mmtalker.nn.speech import REGISTER_HZ, SpeechConfig
+from mmtalker.nn.speech import REGISTER_HZ
 from mmtalker.training import (
     TrainConfig,
     Trainer,
@@ -21,6 +23,7 @@ from mmtalker.training import (
     fit,
     model_for_dataset,
     new_speech_config,
+    training_templates,
 )
 
 
@@ -126,7 +129,7 @@ def test_a_resumed_trainer_continues_the_weights_and_their_average(
 
 
 def test_new_light_encoders_normalise_the_register_unless_the_config_says_otherwise(
-    tiny_corpus: str,
+    tiny_corpus: str, tmp_path: Path
 ) -> None:
     dataset = open_dataset(tiny_corpus)
     speech = {"dim": 32, "levels": 2, "n_mels": 32}
@@ -135,8 +138,14 @@ def test_new_light_encoders_normalise_the_register_unless_the_config_says_otherw
     assert model.config.speech.register_hz == REGISTER_HZ
     off = {**config, "speech": {**speech, "register_hz": None}}
     assert model_for_dataset("faceformer", off, dataset).config.speech.register_hz is None
-    # A checkpoint's config is rebuilt as stored: those from before the option load without it.
-    assert SpeechConfig(**speech).register_hz is None
+    # A checkpoint's config is rebuilt as stored: it keeps the option, and one written before
+    # the option existed (no such key) loads without it.
+    folder = save_checkpoint(tmp_path / "ck", model, training_templates(dataset), 30.0, 16000)
+    assert load_checkpoint(folder).model.config.speech.register_hz == REGISTER_HZ
+    stored = json.loads((folder / "config.json").read_text())
+    del stored["config"]["speech"]["register_hz"]
+    (folder / "config.json").write_text(json.dumps(stored))
+    assert load_checkpoint(folder).model.config.speech.register_hz is None
     assert new_speech_config({"kind": "pretrained", "path": "wavlm"}, []) == {
         "kind": "pretrained",
         "path": "wavlm",
