@@ -33,6 +33,7 @@ from ceiling import spoken_split
 
 from mmtalker.checkpoint import load_checkpoint
 from mmtalker.data import motion
+from mmtalker.data.sequence import pad_to_frames
 from mmtalker.data.synth import Size, SynthConfig, corpus_face
 from mmtalker.errors import MMTalkerError
 from mmtalker.eval.metrics import mouth_opening, pearson
@@ -78,10 +79,14 @@ def main() -> None:
         shapes = (posed - face.neutral).reshape(len(channels), -1)
         with torch.no_grad():
             displacements = model.predict(
-                torch.as_tensor(utterance.audio, dtype=torch.float32)[None],
+                torch.as_tensor(
+                    pad_to_frames(utterance.audio, len(curves), utterance.sample_rate / config.fps),
+                    dtype=torch.float32,
+                )[None],
                 len(curves),
                 torch.as_tensor(face.neutral, dtype=torch.float32)[None],
                 torch.tensor([index.get(speaker.id, -1)]),
+                torch.tensor([len(utterance.audio)]),
             )[0].numpy()
         weights = np.linalg.lstsq(shapes.T, displacements.reshape(len(curves), -1).T, rcond=None)
         truths.append(curves)

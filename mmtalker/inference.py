@@ -20,6 +20,7 @@ import soundfile as sf
 import soxr
 import torch
 
+from mmtalker.data.sequence import frame_samples, pad_to_frames
 from mmtalker.errors import AudioError, AudioTooLongError, MMTalkerError
 from mmtalker.nn.base import AnimationModel
 
@@ -172,7 +173,7 @@ def _animate_group(
     frames = [math.ceil(n / sample_rate * fps) for n in lengths]
     # Padded to whole frames, as animate() pads a clip: speech features then map onto frames
     # at the same rate for every clip of the group as for the clip alone.
-    audio = torch.zeros(len(clips), max(round(max(frames) * sample_rate / fps), max(lengths)))
+    audio = torch.zeros(len(clips), max(frame_samples(max(frames), sample_rate / fps), *lengths))
     for row, clip in enumerate(clips):
         audio[row, : len(clip.audio)] = torch.from_numpy(np.asarray(clip.audio, np.float32))
     templates = torch.from_numpy(np.stack([np.asarray(c.template, np.float32) for c in clips]))
@@ -233,8 +234,7 @@ def animate(
     per_frame = model_sample_rate / fps
     # Zero padding up to whole frames, marked as padding, so the last frame's speech features
     # sit at the same rate as every other frame's.
-    padded = np.zeros(max(round(num_frames * per_frame), len(samples)), np.float32)
-    padded[: len(samples)] = samples
+    padded = pad_to_frames(samples, num_frames, per_frame)
     for start, stop in plan.windows(num_frames):
         first, last = round(start * per_frame), round(stop * per_frame)
         audio_t = torch.from_numpy(padded[first:last])[None].to(device)

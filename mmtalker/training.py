@@ -24,7 +24,7 @@ from mmtalker.checkpoint import MODELS, build_model
 from mmtalker.data.augment import AugmentConfig
 from mmtalker.data.batch import Batch, collate
 from mmtalker.data.grouping import length_batches
-from mmtalker.data.sequence import Sequence, displacement_squares
+from mmtalker.data.sequence import Sequence, displacement_squares, pad_to_frames
 from mmtalker.data.shards import Dataset
 from mmtalker.errors import MMTalkerError
 from mmtalker.eval.metrics import MetricAccumulator, Metrics
@@ -308,10 +308,12 @@ def predictions(
     index = {name: i for i, name in enumerate(model.speakers)}
     for seq in sequences:
         template = templates[seq.speaker]
-        audio = torch.tensor(seq.audio, device=device)[None]
+        padded = pad_to_frames(seq.audio, seq.num_frames, seq.sample_rate / seq.fps)
+        audio = torch.tensor(padded, device=device)[None]
+        lengths = torch.tensor([seq.audio.size], device=device)
         tmpl = torch.tensor(template, device=device)[None]
         speaker = torch.tensor([index.get(seq.speaker, -1)], device=device)
-        disp = model.predict(audio, seq.num_frames, tmpl, speaker)[0].float().cpu().numpy()
+        disp = model.predict(audio, seq.num_frames, tmpl, speaker, lengths)[0].float().cpu().numpy()
         yield seq, template, template[None] + disp
 
 

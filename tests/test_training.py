@@ -11,6 +11,7 @@ from mmtalker.data.batch import Batch, collate
 from mmtalker.data.shards import open_dataset
 from mmtalker.errors import MMTalkerError
 from mmtalker.geometry.uv import attach_uv
+from mmtalker.inference import animate
 from mmtalker.losses import LossConfig
 from mmtalker.nn.mmtalker import MMTalkerConfig
 from mmtalker.nn.speech import REGISTER_HZ
@@ -23,6 +24,7 @@ from mmtalker.training import (
     fit,
     model_for_dataset,
     new_speech_config,
+    predictions,
     training_templates,
 )
 
@@ -174,3 +176,32 @@ def test_a_phone_loss_gives_models_of_labelled_corpora_a_phone_readout(
     dataset.manifest = dataset.manifest.model_copy(update={"phone_names": []})
     model = model_for_dataset("mmtalker", configs["mmtalker"], dataset, LossConfig(phones=0.2))
     assert model.phone_readout is None
+
+
+def test_evaluation_predicts_what_animation_delivers(
+    tiny_corpus: str, small_config: MMTalkerConfig
+) -> None:
+    # The scores must be those of the faces users get: both pad a clip's audio to whole frames,
+    # and without that padding the frames' speech features come from earlier in the clip.
+    dataset = open_dataset(tiny_corpus)
+    torch.manual_seed(0)
+    model = model_for_dataset("mmtalker", small_config.model_dump(), dataset)
+    torch.nn.init.normal_(model.head.coefficients[-1].weight, std=0.5)
+    seq = next(
+        s
+        for s in dataset.sequences("test")
+        if s.audio.size < s.num_frames * s.sample_rate / s.fps - 50
+    )
+    template = dataset.templates[seq.speaker]
+    _, _, predicted = next(predictions(model, [seq], dataset.templates))
+    delivered = animate(
+        seq.audio, template, model, sample_rate=seq.sample_rate,
+        model_sample_rate=seq.sample_rate, fps=seq.fps,
+    )  # fmt: skip
+    assert predicted.shape == delivered.shape == seq.vertices.shape
+    np.testing.assert_allclose(predicted, delivered, atol=1e-5)
+    with torch.no_grad():
+        unpadded = model.predict(
+            torch.tensor(seq.audio)[None], seq.num_frames, torch.tensor(template)[None]
+        )[0].numpy()
+    assert np.abs(template + unpadded - predicted).max() > 1e-4

@@ -82,8 +82,10 @@ def retime(crop: Crop, factor: float, num_frames: int, samples_per_frame: float)
     drives move together; phone labels, being classes, take the nearest frame's.
     """
     frames, audio = crop.frames, crop.audio
-    times = np.arange(num_frames) * factor
-    index = np.clip(times, 0, len(frames) - 1)
+    # Frame k stands for its centre, (k + 0.5) frame periods into the crop (``frame_times``):
+    # that instant was (k + 0.5) * factor periods into the source, the centre of source frame
+    # (k + 0.5) * factor - 0.5.
+    index = np.clip((np.arange(num_frames) + 0.5) * factor - 0.5, 0, len(frames) - 1)
     low = np.floor(index).astype(int)
     high = np.minimum(low + 1, len(frames) - 1)
     weight = (index - low).astype(np.float32)[:, None, None]

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from mmtalker.data.augment import AugmentConfig, Crop, augment_audio, retime, speed_factor
-from mmtalker.data.sequence import Sequence
+from mmtalker.data.sequence import Sequence, frame_samples
 
 
 @dataclass
@@ -55,7 +55,8 @@ def collate(
     """Pad sequences into a batch, cropping each to at most ``max_frames`` (random window).
 
     Crops keep audio and frames aligned: the window starts on a frame boundary and takes the
-    audio samples of exactly those frames. ``augment`` alters each crop's audio (and, for speed
+    audio samples of exactly those frames, zero padded to whole frames where the audio ends
+    first. ``augment`` alters each crop's audio (and, for speed
     perturbation, retimes audio and frames together); see :mod:`mmtalker.data.augment`.
     """
     rng = rng or np.random.default_rng(0)
@@ -85,7 +86,13 @@ def collate(
             noisy = augment_audio(crop.audio, seq.sample_rate, augment, rng, babble)
             crops[row] = (seq, replace(crop, audio=noisy))
     num_frames = max(len(crop.frames) for _, crop in crops)
-    num_samples = max(len(crop.audio) for _, crop in crops)
+    # Padding up to whole frames (marked as padding by ``audio_lengths``), as inference pads a
+    # clip: a crop whose audio ends inside its last frame would otherwise be encoded with its
+    # frames spread over too short a span.
+    num_samples = max(
+        max(len(crop.audio) for _, crop in crops),
+        max(frame_samples(num_frames, seq.sample_rate / seq.fps) for seq, _ in crops),
+    )
     num_vertices = crops[0][1].frames.shape[1]
     audio = np.zeros((len(crops), num_samples), np.float32)
     disp = np.zeros((len(crops), num_frames, num_vertices, 3), np.float32)

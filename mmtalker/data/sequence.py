@@ -229,6 +229,22 @@ class Sequence:
         return self.audio.size / self.sample_rate
 
 
+def frame_samples(num_frames: int, samples_per_frame: float) -> int:
+    """Audio samples that ``num_frames`` frames span.
+
+    Speech encoders spread the frames they are asked for evenly over the audio they are given,
+    so a clip's audio is padded to this length before encoding: audio ending inside its last
+    frame (a corpus's usual case) would otherwise draw every frame's features from earlier
+    speech, up to a frame early by the clip's end.
+    """
+    return round(num_frames * samples_per_frame)
+
+
+def pad_to_frames(audio: np.ndarray, num_frames: int, samples_per_frame: float) -> np.ndarray:
+    """A copy of ``audio`` with zeros appended up to :func:`frame_samples` (never shortened)."""
+    return np.pad(audio, (0, max(frame_samples(num_frames, samples_per_frame) - len(audio), 0)))
+
+
 def displacement_squares(vertices: np.ndarray, template: np.ndarray) -> tuple[float, int]:
     """Sum of squared displacements of frames (T, V, 3) from a template (V, 3), and how many
     values it sums: the parts of a root-mean-square displacement that add across sequences."""

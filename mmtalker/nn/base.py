@@ -90,7 +90,14 @@ class AnimationModel(nn.Module):
         return result if out is None else out.add_(result)
 
     def predict(
-        self, audio: Tensor, num_frames: int, templates: Tensor, speakers: Tensor | None = None
+        self,
+        audio: Tensor,
+        num_frames: int,
+        templates: Tensor,
+        speakers: Tensor | None = None,
+        audio_lengths: Tensor | None = None,
     ) -> Tensor:
-        """Vertex displacements (B, T, V, 3) for audio (B, N) on the given neutral faces."""
-        return self.animate(audio, num_frames, self.prepare(templates, speakers))
+        """Vertex displacements (B, T, V, 3) for audio (B, N) on the given neutral faces;
+        ``audio_lengths`` (B,) marks zero padding (``mmtalker.data.sequence.pad_to_frames``)."""
+        state = self.prepare(templates, speakers)
+        return self.animate(audio, num_frames, state, audio_lengths=audio_lengths)

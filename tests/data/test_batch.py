@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mmtalker.data.batch import collate
+from mmtalker.data.sequence import frame_samples
 from mmtalker.data.shards import open_dataset
 from mmtalker.data.visemes import PHONES
 
@@ -48,3 +49,17 @@ def test_collate_crops_phone_labels_with_their_frames(tiny_corpus: str) -> None:
         np.testing.assert_array_equal(crops.phones[row].numpy(), seq.phones[start : start + 20])
     unlabelled = [dataclasses.replace(seq, phones=None) for seq in seqs]
     assert collate(unlabelled, ds.templates, {}).phones is None
+
+
+def test_collate_pads_audio_to_whole_frames(tiny_corpus: str) -> None:
+    # Corpus audio ends inside its last frame; the encoders spread frames over the padded batch
+    # length, so a batch's audio must span its frames exactly, the tail marked as padding.
+    ds = open_dataset(tiny_corpus)
+    seqs = list(ds.sequences("train"))[:3]
+    batch = collate(seqs, ds.templates, {})
+    per_frame = seqs[0].sample_rate / seqs[0].fps
+    assert batch.audio.shape[1] == frame_samples(batch.num_frames, per_frame)
+    assert batch.audio_lengths.tolist() == [s.audio.size for s in seqs]
+    longest = max(range(len(seqs)), key=lambda i: seqs[i].num_frames)
+    assert seqs[longest].audio.size < batch.audio.shape[1]
+    assert (batch.audio[longest, seqs[longest].audio.size :] == 0).all()
