@@ -56,8 +56,8 @@ def collate(
 
     Crops keep audio and frames aligned: the window starts on a frame boundary and takes the
     audio samples of exactly those frames, zero padded to whole frames where the audio ends
-    first. ``augment`` alters each crop's audio (and, for speed
-    perturbation, retimes audio and frames together); see :mod:`mmtalker.data.augment`.
+    first. ``augment`` alters each crop's audio (and, for speed perturbation, retimes audio and
+    frames together); see :mod:`mmtalker.data.augment`.
     """
     rng = rng or np.random.default_rng(0)
     crops = []
