@@ -8,6 +8,7 @@ import torch
 
 from mmtalker.checkpoint import build_model, load_checkpoint, save_checkpoint
 from mmtalker.data.batch import Batch, collate
+from mmtalker.data.sequence import frame_samples
 from mmtalker.data.shards import open_dataset
 from mmtalker.errors import MMTalkerError
 from mmtalker.geometry.uv import attach_uv
@@ -190,7 +191,7 @@ def test_evaluation_predicts_what_animation_delivers(
     seq = next(
         s
         for s in dataset.sequences("test")
-        if s.audio.size < s.num_frames * s.sample_rate / s.fps - 50
+        if s.audio.size < frame_samples(s.num_frames, s.sample_rate / s.fps) - 50
     )
     template = dataset.templates[seq.speaker]
     _, _, predicted = next(predictions(model, [seq], dataset.templates))
