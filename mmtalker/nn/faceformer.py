@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from mmtalker.data.batch import Batch
@@ -35,18 +35,13 @@ from mmtalker.nn.speech import (
     read_phones,
 )
 
-#: Dilated blocks per speech level of the baseline (the shared encoder's default is 1).
-BASELINE_SPEECH_BLOCKS = 3
-
 
 class FaceFormerConfig(BaseModel):
     """Architecture of the FaceFormer-style baseline; defaults follow FaceFormer on VOCASET."""
 
     model_config = ConfigDict(extra="forbid")
 
-    #: ``BASELINE_SPEECH_BLOCKS`` dilated blocks per level unless given: the baseline reads
-    #: only the deepest level, and at equal training time it is much stronger with three.
-    speech: SpeechConfig = Field(default_factory=SpeechConfig, validate_default=True)
+    speech: SpeechConfig = Field(default_factory=SpeechConfig)
     dim: int = Field(128, ge=8)
     heads: int = Field(4, ge=1)
     layers: int = Field(1, ge=1)
@@ -54,13 +49,6 @@ class FaceFormerConfig(BaseModel):
     period: int = Field(30, ge=1)
     max_frames: int = Field(600, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
-
-    @field_validator("speech", mode="after")
-    @classmethod
-    def _deep_speech(cls, speech: SpeechConfig) -> SpeechConfig:
-        if "blocks_per_level" in speech.model_fields_set:
-            return speech
-        return speech.model_copy(update={"blocks_per_level": BASELINE_SPEECH_BLOCKS})
 
     @model_validator(mode="after")
     def _consistent(self) -> FaceFormerConfig:

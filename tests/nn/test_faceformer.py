@@ -13,7 +13,6 @@ from mmtalker.data.synth import SynthConfig, synthesize_corpus
 from mmtalker.errors import MMTalkerError, TemplateError
 from mmtalker.losses import LossConfig
 from mmtalker.nn.faceformer import (
-    BASELINE_SPEECH_BLOCKS,
     FaceFormer,
     FaceFormerConfig,
     alibi_slopes,
@@ -71,16 +70,6 @@ def test_config_rejects_mismatched_dims() -> None:
         FaceFormerConfig(dim=64)
     with pytest.raises(ValueError, match="divisible"):
         FaceFormerConfig(speech=SpeechConfig(dim=30), dim=30, heads=4)
-
-
-def test_speech_encoder_is_deeper_unless_told() -> None:
-    deep = BASELINE_SPEECH_BLOCKS
-    assert FaceFormerConfig().speech.blocks_per_level == deep
-    assert FaceFormerConfig(dim=32, speech={"dim": 32}).speech.blocks_per_level == deep
-    shallow = FaceFormerConfig(speech={"blocks_per_level": 1})
-    assert shallow.speech.blocks_per_level == 1
-    # A checkpoint's stored config keeps what it was built with.
-    assert FaceFormerConfig.model_validate(shallow.model_dump()).speech.blocks_per_level == 1
 
 
 def test_masks_follow_faceformer() -> None:
