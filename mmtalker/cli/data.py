@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from pydantic import ValidationError
 from tqdm import tqdm
@@ -87,9 +86,9 @@ def synth(
 
     chosen = "tiny" if tiny else size
     if chosen not in ("tiny", "demo", "bench"):
-        raise click.BadParameter(f"{chosen!r} is not one of tiny, demo, bench", param_hint="--size")
+        raise typer.BadParameter(f"{chosen!r} is not one of tiny, demo, bench", param_hint="--size")
     if face not in (None, "ict", "procedural"):
-        raise click.BadParameter(f"{face!r} is not one of ict, procedural", param_hint="--face")
+        raise typer.BadParameter(f"{face!r} is not one of ict, procedural", param_hint="--face")
     overrides = {
         key: value
         for key, value in dict(
@@ -227,17 +226,21 @@ def _print_info(uri: str, verify: bool = False) -> None:
 
 
 def run(app: typer.Typer, argv: list[str] | None = None) -> int:
-    """Run a CLI app; expected errors become ``error: ...`` on stderr and exit status 1."""
+    """Run a CLI app; expected errors become one ``error: ...`` line on stderr and exit status 1
+    (2 for a command line that does not parse)."""
     try:
-        app(args=argv, standalone_mode=False)
-    except click.exceptions.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.exceptions.Abort:
+        code = app(args=argv, standalone_mode=False)
+    except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
+    except typer.TyperException as exc:
+        # Usage errors (an unknown option, a missing or malformed value) come from the click that
+        # typer vendors, whose classes are private: read them by what they carry.
+        message = getattr(exc, "format_message", exc.__str__)()
+        context = getattr(exc, "ctx", None)
+        command = context.command_path if context is not None else "mmtalker"
+        typer.echo(f"error: {message} (see {command} --help)", err=True)
+        return int(getattr(exc, "exit_code", 2))
     except (MMTalkerError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         return 1
@@ -246,4 +249,4 @@ def run(app: typer.Typer, argv: list[str] | None = None) -> int:
         where = ".".join(str(p) for p in first["loc"]) or exc.title
         typer.echo(f"error: invalid {where}: {first['msg']}", err=True)
         return 1
-    return 0
+    return code if isinstance(code, int) else 0

@@ -62,6 +62,21 @@ def test_malformed_dataset_folder(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("evaluate", "--bogus"), "No such option: --bogus (see mmtalker evaluate --help)"),
+        (("evaluate",), "Missing option '--data'"),
+        (("data", "synth", "--size", "huge", "--out", "x"), "'huge' is not one of tiny"),
+    ],
+)
+def test_command_line_errors_are_one_line(args: tuple[str, ...], expected: str) -> None:
+    result = _run(*args)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert expected in result.stderr
+
+
 def test_help_everywhere() -> None:
     for args in ((), ("data",), ("data", "synth"), ("data", "prepare"), ("data", "info")):
         result = _run(*args, "--help")
