@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
-import click
 import ray.data
+import typer
 
 from mmtalker_platform.settings import PlatformSettings
 
@@ -73,10 +73,10 @@ def _is_terminal(handler: logging.Handler) -> bool:
 def stage(message: str) -> Iterator[None]:
     """One line for a stage of work: ``message ... 12 s`` (or ``... failed``)."""
     started = time.perf_counter()
-    click.echo(f"{message} ...", nl=False)
+    typer.echo(f"{message} ...", nl=False)
     try:
         yield
     except BaseException:
-        click.echo(" failed")
+        typer.echo(" failed")
         raise
-    click.echo(f" {time.perf_counter() - started:.0f} s")
+    typer.echo(f" {time.perf_counter() - started:.0f} s")

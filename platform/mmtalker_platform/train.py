@@ -20,11 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 import ray.train
 import ray.train.torch
 import torch
+import typer
 import yaml
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
@@ -277,7 +277,7 @@ def run_training(spec: TrainJobSpec, settings: PlatformSettings | None = None) -
         run_config=run_config,
         datasets={"train": train_data},
     )
-    click.echo(
+    typer.echo(
         f"training {spec.name!r}: {spec.train.epochs} epochs on {spec.scaling.workers} "
         f"worker(s), MLflow run {run_id}"
     )
@@ -339,7 +339,7 @@ def _epoch_lines(tracking_uri: str, run_id: str, epochs: int) -> Iterator[None]:
                 done = set(tracking.metric_steps(tracking_uri, run_id, "epoch")) - seen
                 for epoch in sorted(done):
                     metrics = tracking.metrics_at(tracking_uri, run_id, epoch, EPOCH_LINE)
-                    click.echo(_epoch_line(epoch, epochs, metrics))
+                    typer.echo(_epoch_line(epoch, epochs, metrics))
                     seen.add(epoch)
             except MlflowException:
                 pass  # a busy store (sqlite locked by a worker's write): the next look catches up
