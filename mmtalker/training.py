@@ -31,6 +31,7 @@ from mmtalker.eval.metrics import MetricAccumulator, Metrics
 from mmtalker.geometry.uv import attach_uv
 from mmtalker.losses import LossConfig
 from mmtalker.nn.base import AnimationModel
+from mmtalker.nn.mmtalker import SPECTRAL_FEATURES
 from mmtalker.nn.speech import REGISTER_HZ
 
 
@@ -102,12 +103,15 @@ def model_for_dataset(
     encoder normalises high voices' register (``speech.register_hz``, default ``REGISTER_HZ``).
     With a phone loss (``losses.phones``) and a dataset with phone labels, the speech encoder
     gets a phone readout whose posteriors the decoder reads too (unless the config sets
-    ``speech.phone_features``). What the config sets wins.
+    ``speech.phone_features``). An MMTalker head reads ``SPECTRAL_FEATURES`` Laplacian
+    eigenfunctions. What the config sets wins.
     """
     if kind in MODELS and "speech" in MODELS[kind].config_class.model_fields:
         with_phones = losses is not None and losses.phones > 0
         phones = dataset.manifest.phone_names if with_phones else []
         config = {**config, "speech": new_speech_config(config.get("speech", {}), phones)}
+    if kind in MODELS and "spectral_features" in MODELS[kind].config_class.model_fields:
+        config = {"spectral_features": SPECTRAL_FEATURES, **config}
     templates = training_templates(dataset)
     topology = dataset.topology
     if topology.uv is None:

@@ -14,7 +14,7 @@ from mmtalker.errors import MMTalkerError
 from mmtalker.geometry.uv import attach_uv
 from mmtalker.inference import animate
 from mmtalker.losses import LossConfig
-from mmtalker.nn.mmtalker import MMTalkerConfig
+from mmtalker.nn.mmtalker import SPECTRAL_FEATURES, MMTalkerConfig
 from mmtalker.nn.speech import REGISTER_HZ
 from mmtalker.training import (
     TrainConfig,
@@ -153,6 +153,26 @@ def test_new_light_encoders_normalise_the_register_unless_the_config_says_otherw
         "kind": "pretrained",
         "path": "wavlm",
     }
+
+
+def test_new_mmtalker_heads_read_the_eigenfunctions_unless_the_config_says_otherwise(
+    tiny_corpus: str, small_config: MMTalkerConfig, tmp_path: Path
+) -> None:
+    dataset = open_dataset(tiny_corpus)
+    config = small_config.model_dump(exclude={"spectral_features"})
+    model = model_for_dataset("mmtalker", config, dataset)
+    assert model.config.spectral_features == SPECTRAL_FEATURES
+    off = model_for_dataset("mmtalker", {**config, "spectral_features": 0}, dataset)
+    assert off.spectral is None
+    # The eigenfunctions travel with the weights, and a checkpoint from before they existed
+    # (no such key) loads without them.
+    folder = save_checkpoint(tmp_path / "ck", model, training_templates(dataset), 30.0, 16000)
+    torch.testing.assert_close(load_checkpoint(folder).model.spectral, model.spectral)
+    folder = save_checkpoint(tmp_path / "old", off, training_templates(dataset), 30.0, 16000)
+    stored = json.loads((folder / "config.json").read_text())
+    del stored["config"]["spectral_features"]
+    (folder / "config.json").write_text(json.dumps(stored))
+    assert load_checkpoint(folder).model.spectral is None
 
 
 def test_a_phone_loss_gives_models_of_labelled_corpora_a_phone_readout(

@@ -1,7 +1,8 @@
 """UV regression head: a 3D displacement for any surface point and frame.
 
 displacement(p, t) = Σ_k basis_k(p) · coefficient_k(t). The basis depends only on the point
-(its UV coordinate, Fourier-encoded, and the speaker's neutral position there), so for a point
+(its UV coordinate, Fourier-encoded, the speaker's neutral position there and, optionally, the
+face's Laplacian eigenfunctions there: :mod:`mmtalker.geometry.spectral`), so for a point
 set it is computed once and reused for every frame and chunk; per frame the head costs one small
 matrix product. The basis MLP is continuous over the chart, which is what lets one model
 animate the same face at other resolutions (a subdivided mesh, a decimated LOD).
@@ -27,13 +28,14 @@ INITIAL_SCALE = 0.02
 
 
 class UVRegressionHead(nn.Module):
-    """Point basis (B, K, P·3) from UV + neutral position; coefficients (B, T, K) from motion."""
+    """Point basis (B, K, P·3) from UV + neutral position (+ ``spectral`` intrinsic coordinates);
+    coefficients (B, T, K) from motion."""
 
-    def __init__(self, dim: int, basis: int, bands: int, hidden: int) -> None:
+    def __init__(self, dim: int, basis: int, bands: int, hidden: int, spectral: int = 0) -> None:
         super().__init__()
-        self.basis, self.bands = basis, bands
+        self.basis, self.bands, self.spectral_features = basis, bands, spectral
         self.point_mlp = nn.Sequential(
-            nn.Linear(2 + 4 * bands + 3, hidden),
+            nn.Linear(2 + 4 * bands + 3 + spectral, hidden),
             nn.GELU(),
             nn.Linear(hidden, hidden),
             nn.GELU(),
@@ -50,14 +52,22 @@ class UVRegressionHead(nn.Module):
             self.coefficients[-1].weight.mul_(INITIAL_SCALE)
             self.coefficients[-1].bias.zero_()
 
-    def point_basis(self, uv: Tensor, neutral: Tensor) -> Tensor:
-        """uv (P, 2) or (B, P, 2) and centred neutral positions (B, P, 3) → basis (B, K, P·3).
-
-        Laid out for the per-frame product, so a prepared point set is used as it is.
+    def point_basis(self, uv: Tensor, neutral: Tensor, spectral: Tensor | None = None) -> Tensor:
+        """uv (P, 2) or (B, P, 2), centred neutral positions (B, P, 3) and, if the head reads
+        them, eigenfunction values (P, E) → basis (B, K, P·3), laid out for the per-frame product.
         """
+        if (spectral is None) != (self.spectral_features == 0):
+            raise ValueError(
+                f"this head reads {self.spectral_features} spectral features per point; got "
+                f"{'none' if spectral is None else spectral.shape[-1]}"
+            )
+        batch = neutral.shape[0]
         if uv.dim() == 2:
-            uv = uv.expand(neutral.shape[0], -1, -1)
-        features = torch.cat([fourier_features(uv, self.bands), neutral], dim=-1)
+            uv = uv.expand(batch, -1, -1)
+        parts = [fourier_features(uv, self.bands), neutral]
+        if spectral is not None:
+            parts.append(spectral.expand(batch, -1, -1) if spectral.dim() == 2 else spectral)
+        features = torch.cat(parts, dim=-1)
         basis = self.point_mlp(features).unflatten(-1, (self.basis, 3))
         return basis.transpose(1, 2).flatten(2)
 
