@@ -101,9 +101,17 @@ def test_point_set_at_the_vertices_equals_the_vertex_prediction(
     torch.testing.assert_close(at_points, at_vertices)
 
 
-def test_animates_a_subdivided_mesh(small_model: MMTalker, small_face: tuple) -> None:
-    """A model of the base mesh drives a 4x subdivided one; its base vertices move alike."""
+@pytest.mark.parametrize("spectral", [0, 8])
+def test_animates_a_subdivided_mesh(
+    small_config: MMTalkerConfig, small_face: tuple, spectral: int
+) -> None:
+    """A model of the base mesh drives a 4x subdivided one; its base vertices move alike (with
+    eigenfunctions in the head: read on the triangle each point lies on)."""
     templates, topology = small_face
+    torch.manual_seed(0)
+    config = small_config.model_copy(update={"spectral_features": spectral})
+    model = MMTalker(config, topology, templates).eval()
+    torch.nn.init.normal_(model.head.coefficients[-1].weight, std=0.5)
     template = templates["s0"]
     vertices, faces, uv = subdivide(template, topology.faces, topology.uv, iterations=1)
     assert len(faces) == 4 * len(topology.faces)
@@ -111,37 +119,26 @@ def test_animates_a_subdivided_mesh(small_model: MMTalker, small_face: tuple) ->
     base = torch.as_tensor(template)[None]
     points = PointSet(torch.as_tensor(uv), torch.as_tensor(vertices)[None])
     audio = torch.randn(1, 8000) * 0.1
-    small_model.eval()
     with torch.no_grad():
-        fine = small_model.animate(audio, 15, small_model.prepare(base, None, points))
-        coarse = small_model.predict(audio, 15, base)
+        fine = model.animate(audio, 15, model.prepare(base, None, points))
+        coarse = model.predict(audio, 15, base)
     assert fine.shape == (1, 15, len(vertices), 3)
     torch.testing.assert_close(fine[:, :, : topology.num_vertices], coarse, rtol=1e-4, atol=1e-7)
     assert len(face_index) == len(vertices) and np.allclose(bary.sum(1), 1)
 
 
-def test_a_spectral_head_reads_its_eigenfunctions_at_any_point(
+def test_a_spectral_head_keeps_and_learns_from_its_eigenfunctions(
     small_config: MMTalkerConfig, small_face: tuple
 ) -> None:
     templates, topology = small_face
-    torch.manual_seed(0)
     model = MMTalker(small_config.model_copy(update={"spectral_features": 8}), topology, templates)
     assert model.spectral.shape == (topology.num_vertices, 8)
     assert "spectral" in model.state_dict()
     torch.nn.init.normal_(model.head.coefficients[-1].weight, std=0.5)
-    template = templates["s0"]
-    base = torch.as_tensor(template)[None]
-    vertices, _, uv = subdivide(template, topology.faces, topology.uv, iterations=1)
-    points = PointSet(torch.as_tensor(uv), torch.as_tensor(vertices)[None])
-    audio = torch.randn(1, 8000) * 0.1
-    model.eval()
-    with torch.no_grad():
-        fine = model.animate(audio, 15, model.prepare(base, None, points))
-        coarse = model.predict(audio, 15, base)
-    torch.testing.assert_close(fine[:, :, : topology.num_vertices], coarse, rtol=1e-4, atol=1e-7)
     loss, _ = model.train().training_loss(_batch(templates), LossConfig(points=64))
     loss.backward()
     assert model.head.point_mlp[0].weight.grad[:, -8:].abs().sum() > 0
+    base = torch.as_tensor(templates["s0"])[None]
     with pytest.raises(ValueError, match="reads 8 spectral features"):
         model.head.point_basis(torch.as_tensor(topology.uv), base)
 
