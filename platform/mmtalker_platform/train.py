@@ -165,7 +165,14 @@ def _data_parallel(model: torch.nn.Module, find_unused: bool) -> torch.nn.Module
     # Buffers (mesh graph, pooling, masks) never change in training: broadcasting them before
     # every step would be pure traffic. Ray Train skips DDP itself for a single worker.
     kwargs = {"find_unused_parameters": find_unused, "broadcast_buffers": False}
-    return ray.train.torch.prepare_model(model, parallel_strategy_kwargs=kwargs)
+    prepared = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=kwargs)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        # Once, though: a buffer each worker computes (the head's Laplacian eigenfunctions)
+        # can differ in a mode's sign between machines, and every replica must read rank 0's.
+        for buffer in prepared.buffers():
+            if buffer.is_floating_point():
+                torch.distributed.broadcast(buffer, src=0)
+    return prepared
 
 
 def _save(
