@@ -264,7 +264,15 @@ class Trainer:
                 "this training state predates weight averaging and cannot be resumed; "
                 "start the job under a new name"
             )
-        self.module.load_state_dict(state["weights"])
+        try:
+            self.module.load_state_dict(state["weights"])
+        except RuntimeError as error:
+            raise MMTalkerError(
+                "this training state was written by a model of another shape (e.g. one from "
+                "before the head read Laplacian eigenfunctions, model.config.spectral_features: "
+                "0 then) and cannot be resumed; start the job under a new name or set the "
+                f"config it had ({str(error).splitlines()[0]})"
+            ) from error
         if self.average is not None:
             if state["average"] is None:
                 raise MMTalkerError(

@@ -124,6 +124,9 @@ def test_a_resumed_trainer_continues_the_weights_and_their_average(
         assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
     with pytest.raises(MMTalkerError, match="predates weight averaging"):
         second.load_state_dict({k: v for k, v in state.items() if k != "weights"})
+    with pytest.raises(MMTalkerError, match="model of another shape"):
+        extra = {**state["weights"], "spectral": torch.ones(3)}
+        second.load_state_dict({**state, "weights": extra})
     plain, _ = _fixed_batch_trainer(tiny_corpus, small_model, weight_average=0.0)
     with pytest.raises(MMTalkerError, match="no weight average"):
         _fixed_batch_trainer(tiny_corpus, small_model, weight_average=0.9)[0].load_state_dict(
