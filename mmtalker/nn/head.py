@@ -54,8 +54,8 @@ class UVRegressionHead(nn.Module):
 
     def point_basis(self, uv: Tensor, neutral: Tensor, spectral: Tensor | None = None) -> Tensor:
         """uv (P, 2) or (B, P, 2), centred neutral positions (B, P, 3) and, if the head reads
-        them, eigenfunction values (P, E) → basis (B, K, P·3), laid out for the per-frame product.
-        """
+        them, eigenfunction values (P, E) or (B, P, E) → basis (B, K, P·3), laid out for the
+        per-frame product."""
         if (spectral is None) != (self.spectral_features == 0):
             raise ValueError(
                 f"this head reads {self.spectral_features} spectral features per point; got "
