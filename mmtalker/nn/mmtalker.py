@@ -166,10 +166,14 @@ class MMTalker(AnimationModel):
         """The eigenfunctions at chart points ``uv`` (P, 2), located on the chart's triangles."""
         if self.spectral is None:
             return None
-        index, bary = locate_uv(self.uv.cpu().numpy(), self.faces.cpu().numpy(), uv.cpu().numpy())
-        return barycentric_interpolate(
-            self.spectral, self.faces, torch.from_numpy(index), torch.from_numpy(bary)
-        )
+        index, bary = locate_uv(self.topology.uv, self.topology.faces, uv.cpu().numpy())
+        return self._spectral_on(torch.from_numpy(index), torch.from_numpy(bary))
+
+    def _spectral_on(self, face_index: Tensor, bary: Tensor) -> Tensor | None:
+        """The eigenfunctions at surface points (triangle, barycentrics); None without them."""
+        if self.spectral is None:
+            return None
+        return barycentric_interpolate(self.spectral, self.faces, face_index, bary)
 
     def _motion(self, levels: list[Tensor], tokens: Tensor, frame_lengths: Tensor | None) -> Tensor:
         padding = None
@@ -205,9 +209,7 @@ class MMTalker(AnimationModel):
         centred, _ = self._centred(batch.templates)
         uv = barycentric_interpolate(self.uv, faces, index, bary)
         neutral = barycentric_interpolate(centred, faces, index, bary)
-        spectral = None
-        if self.spectral is not None:
-            spectral = barycentric_interpolate(self.spectral, faces, index, bary)
+        spectral = self._spectral_on(index, bary)
         target = barycentric_interpolate(batch.displacements, faces, index, bary)
         levels, logits = read_phones(
             self.phone_readout, self.speech(batch.audio, batch.num_frames, batch.audio_lengths)
