@@ -5,9 +5,9 @@ Usage: python bench/inference.py [--quick] [--seconds 60] [--faceformer-seconds 
 
 Every figure goes through ``mmtalker.inference.animate`` (chunked, cross-faded, output arrays
 included) on espeak-ng speech: one long utterance of sentences from the built-in list. Models are
-untrained with default configs plus the speech settings training gives a new model on a corpus
-with phone labels (phone readout and posteriors, register normalisation; speed does not depend
-on the weights) on procedural faces of about 5k and 20k vertices with their UV charts:
+untrained with the config training gives a new model on a corpus with phone labels (phone
+readout and posteriors, register normalisation, MMTalker's Laplacian eigenfunctions; speed does
+not depend on the weights) on procedural faces of about 5k and 20k vertices with their UV charts:
 
 * MMTalker, light speech encoder (log-mel + dilated convolutions);
 * MMTalker, a wav2vec2 *base-size* encoder (hidden 768, 12 layers, 12 heads, intermediate 3072,
@@ -64,7 +64,7 @@ from mmtalker.geometry.uv import attach_uv, barycentric_interpolate, locate_uv, 
 from mmtalker.inference import animate
 from mmtalker.nn.base import AnimationModel
 from mmtalker.nn.mmtalker import PointSet
-from mmtalker.training import new_speech_config
+from mmtalker.training import new_model_config
 
 SAMPLE_RATE = 16000
 FPS = 30.0
@@ -124,11 +124,11 @@ def make_face(num_vertices: int) -> Face:
 
 
 def make_model(kind: str, face: Face, speech_path: str | None = None) -> AnimationModel:
-    """An untrained model of ``kind`` with the default config (pretrained encoder if a path) and
-    the speech settings training gives it on a corpus with phone labels."""
+    """An untrained model of ``kind`` with the config training gives a new model on a corpus with
+    phone labels (pretrained encoder if a path)."""
     pretrained = {"kind": "pretrained", "path": speech_path} if speech_path is not None else {}
-    speech = new_speech_config(pretrained, list(PHONES))
-    return build_model(kind, {"speech": speech}, face.topology, {SPEAKER: face.vertices}).eval()
+    config = new_model_config(kind, {"speech": pretrained}, list(PHONES))
+    return build_model(kind, config, face.topology, {SPEAKER: face.vertices}).eval()
 
 
 def save_base_wav2vec2(directory: str) -> str:

@@ -106,17 +106,24 @@ def model_for_dataset(
     ``speech.phone_features``). An MMTalker head reads ``SPECTRAL_FEATURES`` Laplacian
     eigenfunctions. What the config sets wins.
     """
-    if kind in MODELS and "speech" in MODELS[kind].config_class.model_fields:
-        with_phones = losses is not None and losses.phones > 0
-        phones = dataset.manifest.phone_names if with_phones else []
-        config = {**config, "speech": new_speech_config(config.get("speech", {}), phones)}
-    if kind in MODELS and "spectral_features" in MODELS[kind].config_class.model_fields:
-        config = {"spectral_features": SPECTRAL_FEATURES, **config}
+    with_phones = losses is not None and losses.phones > 0
+    config = new_model_config(kind, config, dataset.manifest.phone_names if with_phones else [])
     templates = training_templates(dataset)
     topology = dataset.topology
     if topology.uv is None:
         topology = attach_uv(topology, np.mean(list(templates.values()), axis=0))
     return build_model(kind, config, topology, templates)
+
+
+def new_model_config(kind: str, config: dict[str, Any], phones: list[str]) -> dict[str, Any]:
+    """A new model's config: ``config`` over the defaults only new models get (speech settings,
+    an MMTalker head's eigenfunctions); ``phones`` names the phone readout's classes, if any."""
+    fields = MODELS[kind].config_class.model_fields if kind in MODELS else {}
+    if "speech" in fields:
+        config = {**config, "speech": new_speech_config(config.get("speech", {}), phones)}
+    if "spectral_features" in fields:
+        config = {"spectral_features": SPECTRAL_FEATURES, **config}
+    return config
 
 
 def new_speech_config(speech: dict[str, Any], phones: list[str]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from mmtalker.training import (
     evaluate,
     fit,
     model_for_dataset,
+    new_model_config,
     new_speech_config,
     predictions,
     training_templates,
@@ -167,6 +168,8 @@ def test_new_mmtalker_heads_read_the_eigenfunctions_unless_the_config_says_other
     assert model.config.spectral_features == SPECTRAL_FEATURES
     off = model_for_dataset("mmtalker", {**config, "spectral_features": 0}, dataset)
     assert off.spectral is None
+    # Only a head that reads them gets the option (the baseline's config has no such field).
+    assert "spectral_features" not in new_model_config("faceformer", {}, [])
     # The eigenfunctions travel with the weights, and a checkpoint from before they existed
     # (no such key) loads without them.
     folder = save_checkpoint(tmp_path / "ck", model, training_templates(dataset), 30.0, 16000)
