@@ -179,6 +179,7 @@ def subdivided_points(face: Face) -> tuple[PointSet, float]:
     points = PointSet(
         uv=torch.from_numpy(np.ascontiguousarray(sub_uv, dtype=np.float32)),
         neutral=torch.from_numpy(neutral)[None],
+        surface=(torch.from_numpy(face_index), torch.from_numpy(bary)),
     )
     return points, gap
 

@@ -297,12 +297,14 @@ def animate_face(
     from mmtalker.rig.head import assemble, display_head, head_points, head_topology
 
     head = display_head(topology)
-    uv, surface = head_points(topology, face.head, head)
+    located = head_points(topology, face.head, head)
     points = PointSet(
-        torch.from_numpy(uv).to(device), torch.from_numpy(surface)[None].to(device)
-    )  # fmt: skip
+        torch.from_numpy(located.uv).to(device),
+        torch.from_numpy(located.positions)[None].to(device),
+        (torch.from_numpy(located.triangles), torch.from_numpy(located.barycentric)),
+    )
     moving = animate(audio, face.template, model, points=points, **options)  # type: ignore[arg-type]
-    vertices = assemble(topology, face.head, moving - surface[None])
+    vertices = assemble(topology, face.head, moving - located.positions[None])
     return Animation(vertices, head_topology(head), head.with_neutral(face.head))
 
 

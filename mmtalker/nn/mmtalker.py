@@ -78,10 +78,13 @@ class MMTalkerConfig(BaseModel):
 
 @dataclass
 class PointSet:
-    """Points on the chart to animate: UV (P, 2) and the neutral face's positions (B, P, 3)."""
+    """Points on the chart to animate: UV (P, 2) and the neutral face's positions (B, P, 3); where
+    the caller knows it, ``surface``: the triangle (P,) and barycentrics (P, 3) each lies at on the
+    model's mesh, which spares locating the points on the chart again for every clip."""
 
     uv: Tensor
     neutral: Tensor
+    surface: tuple[Tensor, Tensor] | None = None
 
 
 @dataclass
@@ -159,14 +162,18 @@ class MMTalker(AnimationModel):
             uv, neutral, spectral = self.uv, centred, self.spectral
         else:
             uv, neutral = points.uv, (points.neutral - centroid) * POSITION_SCALE
-            spectral = self._spectral_at(uv)
+            spectral = self._spectral_at(points)
         return FaceState(self._tokens(centred), self.head.point_basis(uv, neutral, spectral))
 
-    def _spectral_at(self, uv: Tensor) -> Tensor | None:
-        """The eigenfunctions at chart points ``uv`` (P, 2), located on the chart's triangles."""
+    def _spectral_at(self, points: PointSet) -> Tensor | None:
+        """The eigenfunctions at a point set, read on its triangles (located from its UVs unless
+        it names them)."""
         if self.spectral is None:
             return None
-        index, bary = locate_uv(self.topology.uv, self.topology.faces, uv.cpu().numpy())
+        if points.surface is not None:
+            return self._spectral_on(*points.surface)
+        uv = points.uv.cpu().numpy()
+        index, bary = locate_uv(self.topology.uv, self.topology.faces, uv)
         return self._spectral_on(torch.from_numpy(index), torch.from_numpy(bary))
 
     def _spectral_on(self, face_index: Tensor, bary: Tensor) -> Tensor | None:

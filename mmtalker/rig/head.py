@@ -12,6 +12,8 @@ head comes from identity weights fitted to their neutral face at the training re
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from mmtalker.data.sequence import DisplayMap, Topology
@@ -84,11 +86,18 @@ def head_template(topology: Topology, neutral: np.ndarray, head: Rig) -> np.ndar
     )
 
 
-def head_points(
-    topology: Topology, neutral: np.ndarray, head: Rig
-) -> tuple[np.ndarray, np.ndarray]:
-    """UV (P, 2) and neutral positions (P, 3) of the surface points the animated vertices of the
-    head ``neutral`` (V_head, 3) lie at on the topology's chart.
+class HeadPoints(NamedTuple):
+    """The surface points a head's animated vertices lie at on a topology's mesh."""
+
+    uv: np.ndarray
+    positions: np.ndarray
+    triangles: np.ndarray
+    barycentric: np.ndarray
+
+
+def head_points(topology: Topology, neutral: np.ndarray, head: Rig) -> HeadPoints:
+    """UV (P, 2), neutral positions (P, 3), triangles (P,) and barycentrics (P, 3) of the surface
+    points the animated vertices of the head ``neutral`` (V_head, 3) lie at on the topology.
 
     The positions are the points' own, on the person's face at the topology's resolution: a
     mouth-socket vertex is read at the lip point it moves with, not at its place behind the
@@ -103,7 +112,10 @@ def head_points(
             values, topology.faces, display.triangles, display.barycentric
         )
 
-    return at_points(topology.uv), at_points(head_template(topology, neutral, head))
+    return HeadPoints(
+        at_points(topology.uv), at_points(head_template(topology, neutral, head)),
+        display.triangles, display.barycentric,
+    )  # fmt: skip
 
 
 def assemble(topology: Topology, neutral: np.ndarray, displacements: np.ndarray) -> np.ndarray:

@@ -125,6 +125,16 @@ def test_animates_a_subdivided_mesh(
     assert fine.shape == (1, 15, len(vertices), 3)
     torch.testing.assert_close(fine[:, :, : topology.num_vertices], coarse, rtol=1e-4, atol=1e-7)
     assert len(face_index) == len(vertices) and np.allclose(bary.sum(1), 1)
+    # A point set that names its triangles is read there, without locating it again.
+    surface = (torch.from_numpy(face_index), torch.from_numpy(bary))
+    elsewhere = (torch.zeros_like(surface[0]), surface[1])
+    with torch.no_grad():
+        named, moved = (
+            model.animate(audio, 15, model.prepare(base, None, located))
+            for located in (dataclasses.replace(points, surface=at) for at in (surface, elsewhere))
+        )
+    torch.testing.assert_close(named, fine)
+    assert spectral == 0 or not torch.allclose(moved, fine)
 
 
 def test_a_spectral_head_keeps_and_learns_from_its_eigenfunctions(
