@@ -194,7 +194,9 @@ class FaceFormer(AnimationModel):
         phone loss when the speech encoder has a phone readout."""
         target = batch.displacements / self.displacement_scale
         levels, logits = read_phones(
-            self.phone_readout, self.speech(batch.audio, batch.num_frames, batch.audio_lengths)
+            self.phone_readout,
+            self.speech(batch.audio, batch.num_frames, batch.audio_lengths),
+            losses.speech_motion_gradient,
         )
         features = self.audio_map(levels[-1])
         pred = self.teacher_forced(features, target, self.styles(batch.speakers, len(target)))

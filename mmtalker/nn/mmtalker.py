@@ -219,7 +219,9 @@ class MMTalker(AnimationModel):
         spectral = self._spectral_on(index, bary)
         target = barycentric_interpolate(batch.displacements, faces, index, bary)
         levels, logits = read_phones(
-            self.phone_readout, self.speech(batch.audio, batch.num_frames, batch.audio_lengths)
+            self.phone_readout,
+            self.speech(batch.audio, batch.num_frames, batch.audio_lengths),
+            losses.speech_motion_gradient,
         )
         motion = self._motion(levels, self._tokens(centred), batch.frame_lengths)
         pred = self.head(motion, self.head.point_basis(uv, neutral, spectral))

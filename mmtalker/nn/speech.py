@@ -150,9 +150,14 @@ class PhoneReadout(nn.Module):
             nn.Linear(config.phone_classes, config.dim) if config.phone_features else None
         )
 
-    def forward(self, levels: list[Tensor]) -> tuple[list[Tensor], Tensor]:
-        """The levels the motion decoder reads, and the phone logits."""
+    def forward(
+        self, levels: list[Tensor], motion_gradient: float = 1.0
+    ) -> tuple[list[Tensor], Tensor]:
+        """The levels the motion decoder reads, and the phone logits; the motion losses'
+        gradients reach the encoder through those levels scaled by ``motion_gradient``."""
         logits = self.linear(torch.cat(levels, dim=-1))
+        if motion_gradient != 1.0:
+            levels = [scale_gradient(level, motion_gradient) for level in levels]
         if self.feedback is None:
             return levels, logits
         # Detached, so the posteriors stay the phone loss's alone: the motion losses shape how
@@ -167,10 +172,16 @@ def phone_readout(config: SpeechConfig) -> PhoneReadout | None:
 
 
 def read_phones(
-    readout: PhoneReadout | None, levels: list[Tensor]
+    readout: PhoneReadout | None, levels: list[Tensor], motion_gradient: float = 1.0
 ) -> tuple[list[Tensor], Tensor | None]:
-    """The levels a motion decoder reads in training, and the phone logits (None: no readout)."""
-    return (levels, None) if readout is None else readout(levels)
+    """The levels a motion decoder reads in training, and the phone logits (None: no readout);
+    with a readout, ``motion_gradient`` scales the motion losses' gradients into the encoder."""
+    return (levels, None) if readout is None else readout(levels, motion_gradient)
+
+
+def scale_gradient(x: Tensor, scale: float) -> Tensor:
+    """``x`` unchanged forward; its gradient multiplied by ``scale`` backward."""
+    return x * scale + x.detach() * (1.0 - scale)
 
 
 def decoder_levels(readout: PhoneReadout | None, levels: list[Tensor]) -> list[Tensor]:

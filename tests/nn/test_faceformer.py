@@ -253,3 +253,14 @@ def test_phone_readout_adds_the_phone_loss_and_reaches_every_level(phone_feature
     # phone features, the decoder's reading of the posteriors).
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
     assert (model.phone_readout.feedback is not None) == phone_features
+
+
+def test_speech_motion_gradient_reaches_the_speech_encoder() -> None:
+    model = _model(speech=SpeechConfig(dim=32, levels=2, n_mels=16, phone_classes=5))
+    _randomise_output(model)
+    for scale in (0.0, 1.0):
+        model.zero_grad()
+        config = LossConfig(phones=0.0, speech_motion_gradient=scale)
+        model.training_loss(_batch(), config)[0].backward()
+        grads = [p.grad for p in model.speech.parameters()]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads) == (scale > 0)

@@ -259,3 +259,19 @@ def test_phone_features_reach_the_motion_in_training_and_inference(
         model.phone_readout.feedback.bias.add_(1.0)
         after = model.animate(batch.audio, 12, state)
     assert not torch.allclose(before, after)
+
+
+def test_speech_motion_gradient_reaches_the_speech_encoder(
+    small_config: MMTalkerConfig, small_face: tuple
+) -> None:
+    templates, topology = small_face
+    speech = small_config.speech.model_copy(update={"phone_classes": 5})
+    torch.manual_seed(0)
+    model = MMTalker(small_config.model_copy(update={"speech": speech}), topology, templates)
+    batch = _batch(templates)
+    for scale in (0.0, 1.0):
+        model.zero_grad()
+        config = LossConfig(points=64, phones=0.0, speech_motion_gradient=scale)
+        model.train().training_loss(batch, config)[0].backward()
+        grads = [p.grad for p in model.speech.parameters()]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads) == (scale > 0)

@@ -32,6 +32,7 @@ from mmtalker.nn.speech import (
     read_phones,
     register_factor,
     resample_frames,
+    scale_gradient,
     voice_pitch,
     warp_spectrum,
 )
@@ -348,6 +349,40 @@ def test_phone_readout_feeds_its_posteriors_to_the_deepest_level_only() -> None:
     fed[2].square().sum().backward()
     assert readout.linear.weight.grad is None
     assert readout.feedback.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("phone_features", [False, True])
+def test_motion_gradient_scales_only_what_the_decoder_passes_back(phone_features: bool) -> None:
+    torch.manual_seed(0)
+    config = SpeechConfig(dim=16, levels=3, phone_classes=5, phone_features=phone_features)
+    readout = phone_readout(config)
+    assert readout is not None
+    levels = [torch.randn(2, 7, 16, requires_grad=True) for _ in range(3)]
+
+    def gradients(scale: float, loss: str) -> list[torch.Tensor]:
+        fed, logits = read_phones(readout, levels, scale)
+        torch.testing.assert_close(fed, read_phones(readout, levels)[0])  # forward unchanged
+        value = sum(level.sin().sum() for level in fed) if loss == "motion" else logits.sum()
+        return torch.autograd.grad(value, levels)
+
+    for whole, scaled in zip(gradients(1.0, "motion"), gradients(0.1, "motion"), strict=True):
+        torch.testing.assert_close(scaled, 0.1 * whole)
+    for whole, scaled in zip(gradients(1.0, "phones"), gradients(0.1, "phones"), strict=True):
+        torch.testing.assert_close(scaled, whole)
+    readout.zero_grad()
+    fed, _ = read_phones(readout, levels, 0.0)
+    fed[2].square().sum().backward()
+    if phone_features:  # the feedback still learns how the posteriors are read
+        assert readout.feedback.weight.grad.abs().sum() > 0
+    assert all(level.grad is None or level.grad.abs().sum() == 0 for level in levels)
+
+
+def test_scale_gradient() -> None:
+    x = torch.randn(4, requires_grad=True)
+    y = scale_gradient(x, 0.25)
+    torch.testing.assert_close(y, x)
+    (y * torch.arange(4.0)).sum().backward()
+    torch.testing.assert_close(x.grad, 0.25 * torch.arange(4.0))
 
 
 # --- pretrained encoders --------------------------------------------------------------------
