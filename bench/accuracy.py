@@ -4,6 +4,7 @@ Usage: python bench/accuracy.py [--size bench|demo] [--face procedural|ict] [--d
                                 [--budget-minutes 20] [--seeds 0,1,2] [--validations 10] [--jobs 2]
                                 [--learning-rates mmtalker=0.005,faceformer=0.003]
                                 [--augment '{"noise_probability": 0.25}']
+                                [--losses '{"speech_motion_gradient": 0.1}']
                                 [--out work/bench/accuracy] [--skip-train] [--no-proxies]
 
 Protocol (the same for both models; every shared piece of machinery serves both):
@@ -16,8 +17,9 @@ Protocol (the same for both models; every shared piece of machinery serves both)
   runs outside the budget, ten times (``TrainConfig.validations``), on the moving average of
   the weights (``TrainConfig.weight_average``), and the average with the best validation LVE is
   kept: model selection sees the val split only. The test split is scored once, at the end.
-* Both models train with the same audio augmentation: ``TrainConfig``'s default, or the
-  ``AugmentConfig`` fields ``--augment`` overrides (an ablation changes it for both).
+* Both models train with the same audio augmentation and losses: ``TrainConfig``'s defaults,
+  or the ``AugmentConfig`` fields ``--augment`` and the ``LossConfig`` fields ``--losses``
+  override (an ablation changes them for both).
 * Every seed trains MMTalker and the baseline side by side, one process and one CPU thread each
   (``--jobs 2``), so both see the same machine load; with ``--jobs 1`` they take turns.
 * The test split's speakers (voices and faces) and sentences are unseen in training. Besides it,
@@ -47,11 +49,13 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 
 from mmtalker.checkpoint import build_model, load_checkpoint, save_checkpoint
 from mmtalker.data.augment import AugmentConfig, augment_audio
@@ -66,6 +70,7 @@ from mmtalker.data.synth import (
 )
 from mmtalker.eval.metrics import MetricAccumulator
 from mmtalker.geometry.uv import attach_uv
+from mmtalker.losses import LossConfig
 from mmtalker.nn.base import AnimationModel
 from mmtalker.nn.mmtalker import MMTalker
 from mmtalker.training import (
@@ -91,6 +96,7 @@ COLUMNS = (
 REGIONS = ("mve_lips", "mve_eyes", "mve_upper_face", "mve_rest")
 #: More epochs than any budget allows: the time budget is what ends training.
 EPOCHS = 100_000
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
 #: A fixed degradation for the "degraded audio" proxy: every effect, each drawn per clip.
 DEGRADE = AugmentConfig(
     speed_probability=0.0,
@@ -168,14 +174,14 @@ def degraded(sequences: list[Sequence]) -> list[Sequence]:
 
 def train_one(
     kind: str, seed: int, data: Path, budget_minutes: float, validations: int,
-    learning_rate: float, augment: AugmentConfig, out: Path,
+    learning_rate: float, augment: AugmentConfig, losses: LossConfig, out: Path,
 ) -> None:  # fmt: skip
     """Worker: train one model within the budget, keep the best on val, save it with history."""
     torch.set_num_threads(1)
     dataset = open_dataset(str(data))
     config = TrainConfig(
         epochs=EPOCHS, time_budget_s=budget_minutes * 60, validations=validations, device="cpu",
-        seed=seed, learning_rate=learning_rate, augment=augment,
+        seed=seed, learning_rate=learning_rate, augment=augment, losses=losses,
     )  # fmt: skip
     torch.manual_seed(seed)
     model = model_for_dataset(kind, {}, dataset, config.losses)
@@ -207,18 +213,22 @@ def learning_rates(text: str) -> dict[str, float]:
     return rates
 
 
-def augment_overrides(text: str) -> AugmentConfig:
-    """``TrainConfig``'s augmentation with the fields of a JSON object replaced."""
-    try:
-        fields = json.loads(text)
-        if not isinstance(fields, dict):
-            raise ValueError("not a JSON object")
-        return AugmentConfig.model_validate({**TrainConfig().augment.model_dump(), **fields})
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(
-            f"expected a JSON object of AugmentConfig fields, got {text!r}: "
-            + " ".join(str(error).split())
-        ) from error
+def overrides(default: ConfigT) -> Callable[[str], ConfigT]:
+    """An argument type: ``default`` with the fields of a JSON object replaced."""
+
+    def parse(text: str) -> ConfigT:
+        try:
+            fields = json.loads(text)
+            if not isinstance(fields, dict):
+                raise ValueError("not a JSON object")
+            return default.model_validate({**default.model_dump(), **fields})
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(
+                f"expected a JSON object of {type(default).__name__} fields, got {text!r}: "
+                + " ".join(str(error).split())
+            ) from error
+
+    return parse
 
 
 def score_sets(
@@ -281,9 +291,15 @@ def main() -> None:
     )
     parser.add_argument(
         "--augment",
-        type=augment_overrides,
+        type=overrides(TrainConfig().augment),
         default=TrainConfig().augment,
         help="AugmentConfig fields for both models, e.g. '{\"noise_probability\": 0.25}'",
+    )
+    parser.add_argument(
+        "--losses",
+        type=overrides(TrainConfig().losses),
+        default=TrainConfig().losses,
+        help="LossConfig fields for both models, e.g. '{\"speech_motion_gradient\": 0.1}'",
     )
     parser.add_argument("--out", default="work/bench/accuracy")
     parser.add_argument("--skip-train", action="store_true", help="score existing checkpoints")
@@ -299,7 +315,7 @@ def main() -> None:
         kind, seed = args.train_one[0], int(args.train_one[1])
         train_one(
             kind, seed, data, args.budget_minutes, args.validations,
-            args.learning_rates[kind], args.augment, out / f"seed{seed}" / kind,
+            args.learning_rates[kind], args.augment, args.losses, out / f"seed{seed}" / kind,
         )  # fmt: skip
         return
 
@@ -314,7 +330,8 @@ def main() -> None:
              "--budget-minutes", str(args.budget_minutes), "--validations",
              str(args.validations), "--out", str(out), "--learning-rates",
              ",".join(f"{k}={v}" for k, v in args.learning_rates.items()),
-             "--augment", args.augment.model_dump_json()]
+             "--augment", args.augment.model_dump_json(),
+             "--losses", args.losses.model_dump_json()]
             for seed in seeds for kind in KINDS
         ]  # fmt: skip
         run_parallel(commands, args.jobs)
@@ -357,7 +374,8 @@ def main() -> None:
         f" test: {len(splits['test'].speakers)} unseen speakers, {len(test)} sequences; "
         f"{topology.num_vertices} vertices. Budget {args.budget_minutes:g} min of training per "
         f"model (peak learning rates {args.learning_rates}), seeds {seeds}, {args.jobs} side by "
-        f"side, load average at start {load:.1f}; augmentation {args.augment.model_dump_json()}"
+        f"side, load average at start {load:.1f}; augmentation {args.augment.model_dump_json()}; "
+        f"losses {args.losses.model_dump_json()}"
     )
     header = f"{'model':<11}{'seed':>5}" + "".join(f"{label:>11}" for _, label, _ in COLUMNS)
     print("\ntest split\n" + header + "".join(f"{r[4:]:>11}" for r in REGIONS) + f"{'steps':>7}")
@@ -456,6 +474,7 @@ def main() -> None:
         "corpus": str(data), "size": args.size, "face": args.face,
         "budget_minutes": args.budget_minutes, "seeds": seeds, "jobs": args.jobs,
         "learning_rates": args.learning_rates, "augment": args.augment.model_dump(),
+        "losses": args.losses.model_dump(),
         "load_average_at_start": load, "num_vertices": topology.num_vertices,
         "note": "metrics unscaled: metres (lve_l2, eve_l2, mve*), m² (lve, eve, fdd)",
         "static": results["static"], "static_by_speaker": static_by_speaker, "runs": runs,
