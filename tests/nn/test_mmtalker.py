@@ -220,14 +220,19 @@ def test_animate_adds_into_a_given_buffer(small_model: MMTalker, small_face: tup
     torch.testing.assert_close(out, plain + 1)
 
 
+def _with_phones(config: MMTalkerConfig, face: tuple, phone_features: bool = False) -> MMTalker:
+    """A small MMTalker whose speech encoder has a 5-phone readout."""
+    templates, topology = face
+    speech = config.speech.model_copy(update={"phone_classes": 5, "phone_features": phone_features})
+    torch.manual_seed(0)
+    return MMTalker(config.model_copy(update={"speech": speech}), topology, templates)
+
+
 def test_phone_readout_trains_the_speech_features(
     small_config: MMTalkerConfig, small_face: tuple
 ) -> None:
-    templates, topology = small_face
-    speech = small_config.speech.model_copy(update={"phone_classes": 5})
-    torch.manual_seed(0)
-    model = MMTalker(small_config.model_copy(update={"speech": speech}), topology, templates)
-    batch = dataclasses.replace(_batch(templates), phones=torch.randint(-1, 5, (2, 12)))
+    model = _with_phones(small_config, small_face)
+    batch = dataclasses.replace(_batch(small_face[0]), phones=torch.randint(-1, 5, (2, 12)))
     loss, logs = model.train().training_loss(batch, LossConfig(points=64, phones=1.0))
     loss.backward()
     assert logs["phones"] > 0
@@ -244,11 +249,8 @@ def test_phone_readout_trains_the_speech_features(
 def test_phone_features_reach_the_motion_in_training_and_inference(
     small_config: MMTalkerConfig, small_face: tuple
 ) -> None:
-    templates, topology = small_face
-    speech = small_config.speech.model_copy(update={"phone_classes": 5, "phone_features": True})
-    torch.manual_seed(0)
-    model = MMTalker(small_config.model_copy(update={"speech": speech}), topology, templates)
-    batch = _batch(templates)
+    model = _with_phones(small_config, small_face, phone_features=True)
+    batch = _batch(small_face[0])
     loss, _ = model.train().training_loss(batch, LossConfig(points=64, phones=0.0))
     loss.backward()
     assert model.phone_readout.feedback.weight.grad.abs().sum() > 0
@@ -264,11 +266,8 @@ def test_phone_features_reach_the_motion_in_training_and_inference(
 def test_speech_motion_gradient_reaches_the_speech_encoder(
     small_config: MMTalkerConfig, small_face: tuple
 ) -> None:
-    templates, topology = small_face
-    speech = small_config.speech.model_copy(update={"phone_classes": 5})
-    torch.manual_seed(0)
-    model = MMTalker(small_config.model_copy(update={"speech": speech}), topology, templates)
-    batch = _batch(templates)
+    model = _with_phones(small_config, small_face)
+    batch = _batch(small_face[0])
     for scale in (0.0, 1.0):
         model.zero_grad()
         config = LossConfig(points=64, phones=0.0, speech_motion_gradient=scale)
