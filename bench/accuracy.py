@@ -289,16 +289,17 @@ def main() -> None:
         default=LEARNING_RATES,
         help="peak learning rate per model, e.g. mmtalker=0.005,faceformer=0.003",
     )
+    defaults = TrainConfig()
     parser.add_argument(
         "--augment",
-        type=overrides(TrainConfig().augment),
-        default=TrainConfig().augment,
+        type=overrides(defaults.augment),
+        default=defaults.augment,
         help="AugmentConfig fields for both models, e.g. '{\"noise_probability\": 0.25}'",
     )
     parser.add_argument(
         "--losses",
-        type=overrides(TrainConfig().losses),
-        default=TrainConfig().losses,
+        type=overrides(defaults.losses),
+        default=defaults.losses,
         help="LossConfig fields for both models, e.g. '{\"speech_motion_gradient\": 0.1}'",
     )
     parser.add_argument("--out", default="work/bench/accuracy")
