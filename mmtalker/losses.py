@@ -41,11 +41,11 @@ class LossConfig(BaseModel):
     #: 0.198, lip sync 0.945 vs 0.932; docs/accuracy.md). Corpora without labels ignore it.
     phones: float = Field(0.2, ge=0)
     #: With the phone loss: the factor on the motion losses' gradients into the speech encoder
-    #: (the phone loss's pass whole). Below 1 the encoder learns more to name phones than to
-    #: fit the training speakers' motion: at 0.1 MMTalker's best val LVE fell to 0.221-0.236
-    #: from 0.247-0.250 on three seeds and its Klatt readout rose to 81% from 74%, but the
-    #: baseline lost (docs/accuracy.md). 1 until the three-seed benchmark settles each model's.
-    speech_motion_gradient: float = Field(1.0, ge=0, le=1)
+    #: (the phone loss's pass whole); None takes the model's own (``AnimationModel``). Below 1
+    #: the encoder learns more to name phones than to fit the training speakers' motion: at 0.1
+    #: MMTalker's best val LVE fell to 0.221-0.236 from 0.247-0.250 on three seeds and its Klatt
+    #: readout rose to 81% from 74%, but the baseline lost (docs/accuracy.md).
+    speech_motion_gradient: float | None = Field(None, ge=0, le=1)
     #: Points drawn on the surface per training frame. 512 take 28% off a CPU step's time but
     #: scored the same in a 20-minute bench screen (docs/accuracy.md).
     points: int = Field(1024, ge=16)

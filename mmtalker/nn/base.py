@@ -38,6 +38,9 @@ class AnimationModel(nn.Module):
     #: Whether :meth:`prepare` takes any point set of the chart (``points``), not only the
     #: training mesh's vertices: such models can animate other resolutions of the face.
     queries_points: ClassVar[bool] = False
+    #: The factor on the motion losses' gradients into a phone-read speech encoder when
+    #: ``LossConfig.speech_motion_gradient`` is None (each model's best in the bench screens).
+    speech_motion_gradient: ClassVar[float] = 1.0
 
     def __init__(
         self, config: BaseModel, topology: Topology, templates: dict[str, np.ndarray]
@@ -49,6 +52,11 @@ class AnimationModel(nn.Module):
         # Outputs are learnt in units of this scale (set from the training data's spread) so
         # networks work with numbers near one whatever the dataset's length unit.
         self.register_buffer("displacement_scale", torch.tensor(0.01))
+
+    def motion_gradient(self, losses: LossConfig) -> float:
+        """The factor on the motion losses' gradients into the speech encoder for ``losses``."""
+        chosen = losses.speech_motion_gradient
+        return self.speech_motion_gradient if chosen is None else chosen
 
     def forward(self, batch: Batch, losses: LossConfig) -> tuple[Tensor, dict[str, float]]:
         """:meth:`training_loss`, as ``forward`` so a DistributedDataParallel wrapper syncs it."""

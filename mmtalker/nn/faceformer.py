@@ -196,7 +196,7 @@ class FaceFormer(AnimationModel):
         levels, logits = read_phones(
             self.phone_readout,
             self.speech(batch.audio, batch.num_frames, batch.audio_lengths),
-            losses.speech_motion_gradient,
+            self.motion_gradient(losses),
         )
         features = self.audio_map(levels[-1])
         pred = self.teacher_forced(features, target, self.styles(batch.speakers, len(target)))

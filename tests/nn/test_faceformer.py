@@ -264,3 +264,4 @@ def test_speech_motion_gradient_reaches_the_speech_encoder() -> None:
         model.training_loss(_batch(), config)[0].backward()
         grads = [p.grad for p in model.speech.parameters()]
         assert any(g is not None and g.abs().sum() > 0 for g in grads) == (scale > 0)
+    assert model.motion_gradient(LossConfig()) == 1.0

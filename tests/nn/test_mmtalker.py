@@ -274,3 +274,11 @@ def test_speech_motion_gradient_reaches_the_speech_encoder(
         model.train().training_loss(batch, config)[0].backward()
         grads = [p.grad for p in model.speech.parameters()]
         assert any(g is not None and g.abs().sum() > 0 for g in grads) == (scale > 0)
+
+
+def test_speech_motion_gradient_defaults_to_the_models_own(
+    small_config: MMTalkerConfig, small_face: tuple
+) -> None:
+    model = MMTalker(small_config, small_face[1], small_face[0])
+    assert model.motion_gradient(LossConfig()) == MMTalker.speech_motion_gradient < 1
+    assert model.motion_gradient(LossConfig(speech_motion_gradient=1.0)) == 1.0
