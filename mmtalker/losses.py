@@ -43,8 +43,8 @@ class LossConfig(BaseModel):
     #: With the phone loss: the factor on the motion losses' gradients into the speech encoder
     #: (the phone loss's pass whole); None takes the model's own (``AnimationModel``). Below 1
     #: the encoder learns more to name phones than to fit the training speakers' motion: at 0.1
-    #: MMTalker's best val LVE fell to 0.221-0.236 from 0.247-0.250 on three seeds and its Klatt
-    #: readout rose to 81% from 74%, but the baseline lost (docs/accuracy.md).
+    #: MMTalker's bench val LVE fell to 0.223-0.240 from 0.247-0.250 and its test LVE to 0.125
+    #: from 0.137 over three seeds, but the baseline lost (docs/accuracy.md).
     speech_motion_gradient: float | None = Field(None, ge=0, le=1)
     #: Points drawn on the surface per training frame. 512 take 28% off a CPU step's time but
     #: scored the same in a 20-minute bench screen (docs/accuracy.md).

@@ -102,8 +102,8 @@ class MMTalker(AnimationModel):
     config_class = MMTalkerConfig
     queries_points = True
     # Its fusion reads every speech level, which the motion losses alone bend towards the
-    # training speakers' voices: 0.1 gained on val and unseen engines on three seeds, where the
-    # baseline's single projection lost at 0.1 and 0.5 (docs/accuracy.md).
+    # training speakers' voices: 0.1 gained on the val and test splits and degraded audio over
+    # three seeds, where the baseline's single projection lost at 0.1 and 0.5 (docs/accuracy.md).
     speech_motion_gradient = 0.1
 
     def __init__(
