@@ -95,6 +95,11 @@ class SpeechConfig(BaseModel):
     #: as they are. None: off, as in checkpoints from before it existed; new models get
     #: ``REGISTER_HZ`` (``training.model_for_dataset``; docs/accuracy.md).
     register_hz: float | None = Field(None, gt=0)
+    #: Light encoder: channels of the stem and the dilated blocks; the level heads project them
+    #: to ``dim``. None: ``dim``, as in checkpoints from before it existed; new models get
+    #: ``LIGHT_WIDTH`` (``training.model_for_dataset``): 192 lowered MMTalker's val and test
+    #: LVE and every unseen-voice proxy's (docs/accuracy.md) at ~0.035 s per minute of audio.
+    width: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> SpeechConfig:
@@ -106,6 +111,11 @@ class SpeechConfig(BaseModel):
             raise ValueError(
                 "register_hz applies to the light encoder's log-mel; a pretrained backbone "
                 "reads the waveform, so leave it unset"
+            )
+        if self.kind == "pretrained" and self.width is not None:
+            raise ValueError(
+                "width sets the light encoder's channels; a pretrained backbone has its own "
+                "hidden size, so leave it unset"
             )
         if self.layers is not None:
             if len(self.layers) != self.levels:
@@ -229,6 +239,8 @@ def _check_inputs(audio: Tensor, num_frames: int, audio_lengths: Tensor | None) 
 
 #: New light encoders' ``register_hz``: about the training voices' median pitch (117 Hz).
 REGISTER_HZ = 120.0
+#: The light encoder's channels in new models (``SpeechConfig.width``).
+LIGHT_WIDTH = 192
 #: Formants scale about as the cube root of the pitch between voices (women's lie some 17%
 #: above men's at 1.8 times the pitch); the warp stays within these factors. Raising low voices
 #: too (up to 1.25) cost the espeak-ng test split in a screen (LVE 0.171 and 0.158 against
@@ -428,13 +440,13 @@ class LightSpeechEncoder(SpeechEncoder):
             _FrequencyConvolution(config.frequency_channels) if config.frequency_channels else None
         )
         bands = config.frequency_channels * -(-config.n_mels // 2) or config.n_mels
-        self.stem = nn.Conv1d(bands, config.dim, 4, stride=2)
+        width = config.width or config.dim
+        self.stem = nn.Conv1d(bands, width, 4, stride=2)
         per_level = config.blocks_per_level
         self.blocks = nn.ModuleList(
-            _DilatedBlock(config.dim, 4 ** (i // per_level))
-            for i in range(config.levels * per_level)
+            _DilatedBlock(width, 4 ** (i // per_level)) for i in range(config.levels * per_level)
         )
-        self.heads = nn.ModuleList(nn.Linear(config.dim, config.dim) for _ in range(config.levels))
+        self.heads = nn.ModuleList(nn.Linear(width, config.dim) for _ in range(config.levels))
 
     def log_mel(self, audio: Tensor, lengths: Tensor) -> Tensor:
         """Log-mel ``(B, n_mels, ceil(N / hop))``, standardised per utterance, 0 past the end."""
