@@ -97,8 +97,9 @@ class SpeechConfig(BaseModel):
     register_hz: float | None = Field(None, gt=0)
     #: Light encoder: channels of the stem and the dilated blocks; the level heads project them
     #: to ``dim``. None: ``dim``, as in checkpoints from before it existed; new models get
-    #: ``LIGHT_WIDTH`` (``training.model_for_dataset``): 192 lowered MMTalker's val and test
-    #: LVE and every unseen-voice proxy's (docs/accuracy.md) at ~0.035 s per minute of audio.
+    #: ``LIGHT_WIDTH_RATIO`` times ``dim`` (``training.model_for_dataset``): 192 channels for
+    #: 128 features lowered MMTalker's val and test LVE and every unseen-voice proxy's
+    #: (docs/accuracy.md) at ~0.035 s per minute of audio.
     width: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
@@ -239,8 +240,8 @@ def _check_inputs(audio: Tensor, num_frames: int, audio_lengths: Tensor | None) 
 
 #: New light encoders' ``register_hz``: about the training voices' median pitch (117 Hz).
 REGISTER_HZ = 120.0
-#: The light encoder's channels in new models (``SpeechConfig.width``).
-LIGHT_WIDTH = 192
+#: The light encoder's channels in new models, relative to its features' (``SpeechConfig.width``).
+LIGHT_WIDTH_RATIO = 1.5
 #: Formants scale about as the cube root of the pitch between voices (women's lie some 17%
 #: above men's at 1.8 times the pitch); the warp stays within these factors. Raising low voices
 #: too (up to 1.25) cost the espeak-ng test split in a screen (LVE 0.171 and 0.158 against

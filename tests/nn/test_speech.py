@@ -119,6 +119,8 @@ def test_config_rejects_inconsistent_settings() -> None:
         SpeechConfig(layers=[1, 2], levels=3)
     with pytest.raises(ValidationError, match="register_hz applies to the light encoder"):
         SpeechConfig(kind="pretrained", path="model", register_hz=120.0)
+    with pytest.raises(ValidationError, match="width sets the light encoder's channels"):
+        SpeechConfig(kind="pretrained", path="model", width=192)
     with pytest.raises(ValidationError, match="sorted"):
         SpeechConfig(layers=[3, 1], levels=2)
     with pytest.raises(ValidationError, match="greater than or equal to 2"):
@@ -156,6 +158,16 @@ def test_light_odd_and_tiny_lengths(samples: int) -> None:
     out = light(levels=2, n_mels=33)(audio, 5)
     assert [level.shape for level in out] == [(1, 5, 32)] * 2
     assert all(torch.isfinite(level).all() for level in out)
+
+
+def test_light_width_sets_the_channels_not_the_features() -> None:
+    narrow, wide = light(), light(width=48)
+    assert narrow.stem.out_channels == 32
+    assert wide.stem.out_channels == 48
+    assert all(block.mix2.out_channels == 48 for block in wide.blocks)
+    audio = speechlike(1.0, batch=2)
+    assert [level.shape for level in wide(audio, 20)] == [(2, 20, 32)] * 3
+    assert sum(p.numel() for p in wide.parameters()) > sum(p.numel() for p in narrow.parameters())
 
 
 def test_light_is_deterministic() -> None:
