@@ -181,7 +181,7 @@ def _animate_group(
     state = model.prepare(
         templates.to(device), torch.tensor([c.speaker for c in clips], device=device)
     )
-    out = torch.from_numpy(neutral_frames(templates.numpy(), max(frames), axis=1))
+    out = templates[:, None].expand(-1, max(frames), -1, -1).clone()
     audio_lengths = torch.tensor(lengths, device=device)
     frame_lengths = torch.tensor(frames, device=device)
     if torch.device(device).type == "cpu":
@@ -191,19 +191,6 @@ def _animate_group(
             audio.to(device), max(frames), state, None, audio_lengths, frame_lengths
         ).cpu()
     return [out[row, :count].numpy() for row, count in enumerate(frames)]
-
-
-def neutral_frames(neutral: np.ndarray, frames: int, axis: int = 0) -> np.ndarray:
-    """``neutral`` repeated ``frames`` times along a new ``axis``, as float32 (a fresh array).
-
-    Allocated by numpy rather than torch: numpy asks Linux for transparent huge pages on large
-    arrays and torch does not, and for a minute of output on a 5k-vertex face the first write
-    then costs ~12 ms instead of ~48 ms of page faults (``bench/inference.py``).
-    """
-    shape = (*neutral.shape[:axis], frames, *neutral.shape[axis:])
-    out = np.empty(shape, np.float32)
-    out[...] = np.expand_dims(neutral, axis)
-    return out
 
 
 @torch.no_grad()
@@ -242,7 +229,7 @@ def animate(
     # (on CPU): for long clips it is the largest array, and every extra pass over it costs about
     # as much as the model's last layer.
     neutral = torch.from_numpy(base)
-    out = torch.from_numpy(neutral_frames(base, num_frames))
+    out = neutral.expand(num_frames, *base.shape).clone()
     in_place = torch.device(device).type == "cpu"
     per_frame = model_sample_rate / fps
     # Zero padding up to whole frames, marked as padding, so the last frame's speech features

@@ -32,7 +32,7 @@ from mmtalker.geometry.uv import attach_uv
 from mmtalker.losses import LossConfig
 from mmtalker.nn.base import AnimationModel
 from mmtalker.nn.mmtalker import SPECTRAL_FEATURES
-from mmtalker.nn.speech import LIGHT_WIDTH_RATIO, REGISTER_HZ, SpeechConfig
+from mmtalker.nn.speech import REGISTER_HZ
 
 
 class TrainConfig(BaseModel):
@@ -100,8 +100,7 @@ def model_for_dataset(
 
     A topology stored without a UV chart gets one, computed on the training speakers' mean
     face (deterministic, so every distributed worker builds the same model). A light speech
-    encoder normalises high voices' register (``speech.register_hz``, default ``REGISTER_HZ``)
-    and is ``LIGHT_WIDTH_RATIO`` times as wide as its features (``speech.width``).
+    encoder normalises high voices' register (``speech.register_hz``, default ``REGISTER_HZ``).
     With a phone loss (``losses.phones``) and a dataset with phone labels, the speech encoder
     gets a phone readout whose posteriors the decoder reads too (unless the config sets
     ``speech.phone_features``). An MMTalker head reads ``SPECTRAL_FEATURES`` Laplacian
@@ -132,8 +131,6 @@ def new_speech_config(speech: dict[str, Any], phones: list[str]) -> dict[str, An
     defaults: dict[str, Any] = {}
     if speech.get("kind", "light") == "light":
         defaults["register_hz"] = REGISTER_HZ
-        dim = speech.get("dim", SpeechConfig.model_fields["dim"].default)
-        defaults["width"] = round(LIGHT_WIDTH_RATIO * dim)
     if phones:
         defaults["phone_features"] = True
     speech = {**defaults, **speech}

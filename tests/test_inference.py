@@ -8,15 +8,7 @@ import soundfile as sf
 import torch
 
 from mmtalker.errors import AudioError, MMTalkerError
-from mmtalker.inference import (
-    ChunkPlan,
-    Clip,
-    animate,
-    animate_clips,
-    decode_audio,
-    neutral_frames,
-    prepare_audio,
-)
+from mmtalker.inference import ChunkPlan, Clip, animate, animate_clips, decode_audio, prepare_audio
 from mmtalker.nn.mmtalker import MMTalker
 
 
@@ -68,19 +60,6 @@ def test_long_audio_is_chunked_and_cross_faded(small_model: MMTalker, small_face
     # No jumps at the seams: frame-to-frame change there is like elsewhere.
     steps = np.abs(np.diff(chunked - template, axis=0)).max(axis=(1, 2))
     assert steps.max() < 5 * np.median(steps) + 1e-9
-
-
-def test_neutral_frames_repeat_the_face_along_a_new_axis() -> None:
-    face = np.arange(12, dtype=np.float64).reshape(4, 3)
-    frames = neutral_frames(face, 5)
-    assert frames.shape == (5, 4, 3) and frames.dtype == np.float32
-    assert all(np.array_equal(frame, face) for frame in frames)
-    frames[0, 0, 0] = -1.0
-    assert face[0, 0] == 0.0 and frames[1, 0, 0] == 0.0
-    faces = np.stack([face, -face])
-    grouped = neutral_frames(faces, 3, axis=1)
-    assert grouped.shape == (2, 3, 4, 3)
-    assert np.array_equal(grouped[1, 2], -face) and np.array_equal(grouped[0, 0], face)
 
 
 def test_audio_preparation() -> None:

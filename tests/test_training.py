@@ -15,7 +15,7 @@ from mmtalker.geometry.uv import attach_uv
 from mmtalker.inference import animate
 from mmtalker.losses import LossConfig
 from mmtalker.nn.mmtalker import SPECTRAL_FEATURES, MMTalkerConfig
-from mmtalker.nn.speech import LIGHT_WIDTH_RATIO, REGISTER_HZ
+from mmtalker.nn.speech import REGISTER_HZ
 from mmtalker.training import (
     TrainConfig,
     Trainer,
@@ -157,31 +157,6 @@ def test_new_light_encoders_normalise_the_register_unless_the_config_says_otherw
         "kind": "pretrained",
         "path": "wavlm",
     }
-
-
-def test_new_light_encoders_are_wider_than_their_features_unless_the_config_says_otherwise(
-    tiny_corpus: str, tmp_path: Path
-) -> None:
-    dataset = open_dataset(tiny_corpus)
-    speech = {"dim": 32, "levels": 2, "n_mels": 32}
-    config = {"speech": speech, "dim": 32, "heads": 2}
-    model = model_for_dataset("faceformer", config, dataset)
-    assert model.config.speech.width == round(LIGHT_WIDTH_RATIO * 32)
-    assert new_speech_config({}, [])["width"] == round(LIGHT_WIDTH_RATIO * 128)
-    narrow = {**config, "speech": {**speech, "width": 32}}
-    assert model_for_dataset("faceformer", narrow, dataset).config.speech.width == 32
-    # A checkpoint written before the option existed (no such key) loads as it was trained: an
-    # encoder as wide as its features.
-    folder = save_checkpoint(
-        tmp_path / "ck", model_for_dataset("faceformer", narrow, dataset),
-        training_templates(dataset), 30.0, 16000,
-    )  # fmt: skip
-    stored = json.loads((folder / "config.json").read_text())
-    del stored["config"]["speech"]["width"]
-    (folder / "config.json").write_text(json.dumps(stored))
-    loaded = load_checkpoint(folder).model
-    assert loaded.config.speech.width is None
-    assert loaded.speech.stem.out_channels == 32
 
 
 def test_new_mmtalker_heads_read_the_eigenfunctions_unless_the_config_says_otherwise(

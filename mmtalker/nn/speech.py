@@ -95,11 +95,10 @@ class SpeechConfig(BaseModel):
     #: as they are. None: off, as in checkpoints from before it existed; new models get
     #: ``REGISTER_HZ`` (``training.model_for_dataset``; docs/accuracy.md).
     register_hz: float | None = Field(None, gt=0)
-    #: Light encoder: channels of the stem and the dilated blocks; the level heads project them
-    #: to ``dim``. None: ``dim``, as in checkpoints from before it existed; new models get
-    #: ``LIGHT_WIDTH_RATIO`` times ``dim`` (``training.model_for_dataset``): 192 channels for
-    #: 128 features lowered MMTalker's val and test LVE and every unseen-voice proxy's
-    #: (docs/accuracy.md) at ~0.035 s per minute of audio.
+    #: Light encoder: channels of the stem and the dilated blocks, which the level heads project
+    #: to ``dim`` (None: ``dim``). 192 for 128 features lowered both models' val LVE and
+    #: MMTalker's test LVE and every unseen-voice proxy's by 3-5% over three seeds but cost
+    #: ~12% of the inference speed (docs/accuracy.md), so it is off by default.
     width: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
@@ -240,8 +239,6 @@ def _check_inputs(audio: Tensor, num_frames: int, audio_lengths: Tensor | None) 
 
 #: New light encoders' ``register_hz``: about the training voices' median pitch (117 Hz).
 REGISTER_HZ = 120.0
-#: The light encoder's channels in new models, relative to its features' (``SpeechConfig.width``).
-LIGHT_WIDTH_RATIO = 1.5
 #: Formants scale about as the cube root of the pitch between voices (women's lie some 17%
 #: above men's at 1.8 times the pitch); the warp stays within these factors. Raising low voices
 #: too (up to 1.25) cost the espeak-ng test split in a screen (LVE 0.171 and 0.158 against
@@ -307,17 +304,19 @@ def register_factor(pitch: Tensor, register_hz: float) -> Tensor:
     return torch.nan_to_num(factor, nan=1.0).clamp(*_REGISTER_LIMITS)
 
 
-def warp_spectrum(power: Tensor, factor: Tensor) -> Tensor:
-    """Power spectra ``(B, bins, T)`` with each frequency f moved to ``factor * f`` per item,
-    linearly interpolated; bins whose source lies past Nyquist become 0."""
-    bins, frames = power.shape[1], power.shape[2]
-    source = torch.arange(bins, device=power.device)[None] / factor[:, None].to(power.dtype)
+def warp_matrix(bins: int, factor: Tensor) -> Tensor:
+    """Linear maps ``(B, bins, bins)`` that move each frequency f of a power spectrum to
+    ``factor * f`` per item (``matrix @ power``), linearly interpolated; bins whose source lies
+    past Nyquist become 0."""
+    source = torch.arange(bins, device=factor.device)[None] / factor[:, None].float()
     low = source.floor().long().clamp(max=bins - 1)
     high = (low + 1).clamp(max=bins - 1)
     # Past the last bin both ends are that bin, so the weight's overshoot there changes nothing.
-    weight = (source - low)[..., None]
-    below, above = (power.gather(1, i[..., None].expand(-1, -1, frames)) for i in (low, high))
-    return torch.lerp(below, above, weight) * (source <= bins - 1)[..., None]
+    weight = source - low
+    inside = (source <= bins - 1).float()
+    matrix = torch.zeros(factor.shape[0], bins, bins, device=factor.device)
+    matrix.scatter_add_(2, low[..., None], ((1 - weight) * inside)[..., None])
+    return matrix.scatter_add_(2, high[..., None], (weight * inside)[..., None])
 
 
 def _mask(lengths: Tensor, size: int) -> Tensor:
@@ -465,10 +464,14 @@ class LightSpeechEncoder(SpeechEncoder):
             return_complex=True,
         )
         power = spec.real**2 + spec.imag**2
+        mel = self.mel
         if self.config.register_hz is not None:
             pitch = voice_pitch(audio, lengths, self.config.sample_rate)
-            power = warp_spectrum(power, register_factor(pitch, self.config.register_hz))
-        logmel = torch.log(torch.matmul(self.mel, power) + _LOG_FLOOR)
+            factor = register_factor(pitch, self.config.register_hz)
+            # The warp is linear and fixed per item, so it folds into the mel filters: one small
+            # product per item instead of an interpolation of every frame's spectrum.
+            mel = mel @ warp_matrix(power.shape[1], factor).to(power.dtype)
+        logmel = torch.log(torch.matmul(mel, power) + _LOG_FLOOR)
         mask = _mask(-(-lengths // self.hop), logmel.shape[-1])[:, None]
         return _standardize(logmel, mask)
 

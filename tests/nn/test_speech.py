@@ -34,7 +34,7 @@ from mmtalker.nn.speech import (
     resample_frames,
     scale_gradient,
     voice_pitch,
-    warp_spectrum,
+    warp_matrix,
 )
 
 # transformers' WavLM attention mixes a float bias with a boolean padding mask; not ours to fix.
@@ -220,15 +220,15 @@ def test_register_factor_moves_higher_voices_down_within_bounds() -> None:
     assert factor.tolist() == pytest.approx(expected)
 
 
-def test_warp_spectrum_moves_every_frequency_by_the_factor() -> None:
+def test_warp_matrix_moves_every_frequency_by_the_factor() -> None:
     power = torch.zeros(3, 201, 2)
     power[:, 100] = 1.0
-    warped = warp_spectrum(power, torch.tensor([1.0, 0.8, 1.25]))
+    warped = warp_matrix(201, torch.tensor([1.0, 0.8, 1.25])) @ power
     assert warped[0].equal(power[0])
     assert warped[1].argmax(0).tolist() == [80, 80]
     assert warped[2].argmax(0).tolist() == [125, 125]
     # Lowered, the top of the band reads past Nyquist: nothing is there.
-    assert (warp_spectrum(torch.ones(1, 201, 2), torch.tensor([0.8]))[0, 161:] == 0).all()
+    assert ((warp_matrix(201, torch.tensor([0.8])) @ torch.ones(201, 2))[0, 161:] == 0).all()
 
 
 def test_register_normalisation_brings_a_higher_voice_towards_a_lower_one() -> None:
@@ -243,7 +243,7 @@ def test_register_normalisation_brings_a_higher_voice_towards_a_lower_one() -> N
         power = power.abs().square().mean(-1, keepdim=True)
         factor = register_factor(voice_pitch(audio, lengths, SR), register_hz)
         # Bands below 6 kHz: lowered by 0.8, the top fifth of the band reads past Nyquist.
-        return torch.log(filters @ warp_spectrum(power, factor)[0, :, 0] + 1e-9)[:26]
+        return torch.log(filters @ (warp_matrix(201, factor) @ power)[0, :, 0] + 1e-9)[:26]
 
     before = relative(envelope(high, 220.0), envelope(low, 110.0))
     after = relative(envelope(high, 110.0), envelope(low, 110.0))
