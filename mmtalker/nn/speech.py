@@ -97,7 +97,7 @@ class SpeechConfig(BaseModel):
     register_hz: float | None = Field(None, gt=0)
     #: Light encoder: channels of the stem and the dilated blocks, which the level heads project
     #: to ``dim`` (None: ``dim``). 192 for 128 features lowered MMTalker's val and test LVE and
-    #: every unseen-voice proxy's by 3-5% over three seeds (the baseline's val LVE by 3%) but
+    #: every unseen-voice proxy's by 3-5% over three seeds (the baseline's mean val LVE 3%) but
     #: cost ~15% of the inference speed and moved no target (docs/accuracy.md): off by default.
     width: int | None = Field(None, ge=1)
 
