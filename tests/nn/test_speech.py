@@ -121,6 +121,8 @@ def test_config_rejects_inconsistent_settings() -> None:
         SpeechConfig(kind="pretrained", path="model", register_hz=120.0)
     with pytest.raises(ValidationError, match="width sets the light encoder's channels"):
         SpeechConfig(kind="pretrained", path="model", width=192)
+    with pytest.raises(ValidationError, match="multirate sets the light encoder's stage rates"):
+        SpeechConfig(kind="pretrained", path="model", multirate=True)
     with pytest.raises(ValidationError, match="sorted"):
         SpeechConfig(layers=[3, 1], levels=2)
     with pytest.raises(ValidationError, match="greater than or equal to 2"):
@@ -151,12 +153,13 @@ def test_light_shapes(num_frames: int, batch: int) -> None:
         assert torch.isfinite(level).all()
 
 
+@pytest.mark.parametrize("multirate", [False, True])
 @pytest.mark.parametrize("samples", [1, 159, 161, 12345, SR - 1, SR + 1])
-def test_light_odd_and_tiny_lengths(samples: int) -> None:
+def test_light_odd_and_tiny_lengths(samples: int, multirate: bool) -> None:
     audio = speechlike(samples / SR)
     assert audio.shape[1] == samples
-    out = light(levels=2, n_mels=33)(audio, 5)
-    assert [level.shape for level in out] == [(1, 5, 32)] * 2
+    out = light(levels=3, n_mels=33, multirate=multirate)(audio, 5)
+    assert [level.shape for level in out] == [(1, 5, 32)] * 3
     assert all(torch.isfinite(level).all() for level in out)
 
 
@@ -168,6 +171,17 @@ def test_light_width_sets_the_channels_not_the_features() -> None:
     audio = speechlike(1.0, batch=2)
     assert [level.shape for level in wide(audio, 20)] == [(2, 20, 32)] * 3
     assert sum(p.numel() for p in wide.parameters()) > sum(p.numel() for p in narrow.parameters())
+
+
+@pytest.mark.parametrize(("multirate", "rates"), [(False, [50, 50, 50]), (True, [50, 25, 12.5])])
+def test_light_multirate_halves_each_stage_rate(multirate: bool, rates: list[float]) -> None:
+    encoder = light(levels=3, blocks_per_level=2, multirate=multirate)
+    seen: list[int] = []
+    for block in encoder.blocks:
+        block.register_forward_hook(lambda module, args, out: seen.append(out.shape[-1]))
+    out = encoder(speechlike(2.0), 60)
+    assert seen == [round(2 * rate) for rate in rates for _ in range(2)]
+    assert [level.shape for level in out] == [(1, 60, 32)] * 3
 
 
 def test_light_is_deterministic() -> None:
@@ -261,15 +275,20 @@ def test_light_encoder_moves_voices_off_its_register_only() -> None:
     assert torch.equal(light(register_hz=300.0).log_mel(high, lengths), plain)
 
 
-@pytest.mark.parametrize(("frequency_channels", "register_hz"), [(0, None), (8, None), (0, 120.0)])
+@pytest.mark.parametrize(
+    ("frequency_channels", "register_hz", "multirate"),
+    [(0, None, False), (8, None, False), (0, 120.0, False), (0, None, True)],
+)
 def test_light_padded_batch_matches_unpadded(
-    frequency_channels: int, register_hz: float | None
+    frequency_channels: int, register_hz: float | None, multirate: bool
 ) -> None:
     short, long = speechlike(1.0, seed=1), speechlike(2.0, seed=2)
     # Garbage in the padding must not matter: only audio_lengths says what is speech.
     batch = torch.cat([torch.cat([short, torch.randn(1, SR)], dim=1), long])
     lengths = torch.tensor([SR, 2 * SR])
-    encoder = light(frequency_channels=frequency_channels, register_hz=register_hz)
+    encoder = light(
+        frequency_channels=frequency_channels, register_hz=register_hz, multirate=multirate
+    )
     together = encoder(batch, 60, audio_lengths=lengths)
     alone_short = encoder(short, 30)
     alone_long = encoder(long, 60)
@@ -305,19 +324,34 @@ def test_light_receptive_field_grows_with_depth() -> None:
     assert far[2] > 3 * max(far[0], far[1])
 
 
-@pytest.mark.parametrize(("blocks_per_level", "reach_ms"), [(1, 75), (3, 195)])
-def test_light_level_reach_follows_blocks_per_level(blocks_per_level: int, reach_ms: int) -> None:
-    encoder = light(levels=2, blocks_per_level=blocks_per_level)
+def level_reach_ms(encoder: LightSpeechEncoder, level: int) -> tuple[int, int]:
+    """How far (ms) before and after its 20 ms cell output frame 50 of 100 sees in 2 s."""
     logmel = torch.randn(1, encoder.config.n_mels, 200, requires_grad=True)
     # Gradients from the log-mel frames (10 ms) show the reach exactly; the per-utterance
     # standardisation before them would blur it.
     encoder.log_mel = lambda audio, lengths: logmel  # type: ignore[method-assign]
-    level0 = encoder(torch.zeros(1, 200 * encoder.hop), 100)[0]
-    level0[0, 50].sum().backward()  # output frame 50 of 100: the 20 ms cell [1000, 1020) ms
+    features = encoder(torch.zeros(1, 200 * encoder.hop), 100)[level]
+    features[0, 50].sum().backward()  # the 20 ms cell [1000, 1020) ms
     assert logmel.grad is not None
     reached = logmel.grad[0].abs().sum(0).nonzero().flatten()
-    before, after = 10 * (100 - int(reached.min())), 10 * (int(reached.max()) + 1 - 102)
+    return 10 * (100 - int(reached.min())), 10 * (int(reached.max()) + 1 - 102)
+
+
+@pytest.mark.parametrize(("blocks_per_level", "reach_ms"), [(1, 75), (3, 195)])
+def test_light_level_reach_follows_blocks_per_level(blocks_per_level: int, reach_ms: int) -> None:
+    before, after = level_reach_ms(light(levels=2, blocks_per_level=blocks_per_level), 0)
     assert abs(before - reach_ms) <= 20 and abs(after - reach_ms) <= 20, (before, after)
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_light_multirate_keeps_each_level_reach(level: int) -> None:
+    single = level_reach_ms(light(levels=3, blocks_per_level=1), level)
+    multi = level_reach_ms(light(levels=3, blocks_per_level=1, multirate=True), level)
+    # Pooled frames widen the reach by at most a cell of each halved rate (40 + 80 ms).
+    assert all(0 <= m - s <= 40 * level + 20 for s, m in zip(single, multi, strict=True)), (
+        single,
+        multi,
+    )
 
 
 def test_light_rejects_bad_inputs() -> None:
