@@ -135,7 +135,7 @@ def test_a_resumed_trainer_continues_the_weights_and_their_average(
         )
 
 
-def test_new_light_encoders_normalise_the_register_unless_the_config_says_otherwise(
+def test_new_light_encoders_get_the_new_defaults_unless_the_config_says_otherwise(
     tiny_corpus: str, tmp_path: Path
 ) -> None:
     dataset = open_dataset(tiny_corpus)
@@ -143,8 +143,11 @@ def test_new_light_encoders_normalise_the_register_unless_the_config_says_otherw
     config = {"speech": speech, "dim": 32, "heads": 2}
     model = model_for_dataset("faceformer", config, dataset)
     assert model.config.speech.register_hz == REGISTER_HZ
-    off = {**config, "speech": {**speech, "register_hz": None}}
-    assert model_for_dataset("faceformer", off, dataset).config.speech.register_hz is None
+    assert (model.config.speech.width, model.config.speech.multirate) == (48, True)
+    off = {**config, "speech": {**speech, "register_hz": None, "width": None, "multirate": False}}
+    stated = model_for_dataset("faceformer", off, dataset).config.speech
+    assert (stated.register_hz, stated.width, stated.multirate) == (None, None, False)
+    assert new_speech_config({}, [])["width"] == 192
     # A checkpoint's config is rebuilt as stored: it keeps the option, and one written before
     # the option existed (no such key) loads without it.
     folder = save_checkpoint(tmp_path / "ck", model, training_templates(dataset), 30.0, 16000)

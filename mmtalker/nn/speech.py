@@ -97,14 +97,14 @@ class SpeechConfig(BaseModel):
     #: ``REGISTER_HZ`` (``training.model_for_dataset``; docs/accuracy.md).
     register_hz: float | None = Field(None, gt=0)
     #: Light encoder: channels of the stem and the dilated blocks, which the level heads project
-    #: to ``dim`` (None: ``dim``). 192 for 128 features lowered MMTalker's val and test LVE and
-    #: every unseen-voice proxy's by 3-5% over three seeds (the baseline's mean val LVE 3%) but
-    #: cost ~15% of the inference speed and moved no target (docs/accuracy.md): off by default.
+    #: to ``dim`` (None: ``dim``, as in checkpoints from before it existed). New models get 1.5
+    #: per feature (``training.model_for_dataset``): with ``multirate``, 192 for 128 features
+    #: lowered both models' val and test LVE over three seeds (docs/accuracy.md).
     width: int | None = Field(None, ge=1)
     #: Light encoder: stage ``i`` runs at ``50 / 2**i`` Hz (each stage halves its input by
     #: averaging frame pairs, and its dilations halve with it, so every level sees as far as
-    #: before), which cuts the dilated blocks' work by ~40% for three levels. Off in
-    #: checkpoints from before it existed.
+    #: before), which cuts the dilated blocks' work by ~40% for three levels and pays for most
+    #: of ``width``. Off in checkpoints from before it existed; new models get it.
     multirate: bool = False
 
     @model_validator(mode="after")
