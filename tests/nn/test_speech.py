@@ -299,6 +299,18 @@ def test_light_padded_batch_matches_unpadded(
         assert relative(level[1], b[0]) < 1e-5
 
 
+def test_light_multirate_pools_odd_lengths_in_a_batch_as_alone() -> None:
+    # 1.1 s is 55 frames at 50 Hz, 28 at 25 Hz and 14 at 12.5 Hz: every halving pads a frame.
+    short, long = speechlike(1.1, seed=1), speechlike(2.2, seed=2)
+    gap = long.shape[1] - short.shape[1]
+    batch = torch.cat([torch.cat([short, torch.randn(1, gap)], dim=1), long])
+    lengths = torch.tensor([short.shape[1], long.shape[1]])
+    encoder = light(multirate=True)
+    together = encoder(batch, 66, audio_lengths=lengths)
+    for level, alone in zip(together, encoder(short, 33), strict=True):
+        assert relative(level[0, :33], alone[0]) < 1e-5
+
+
 def test_light_receptive_field_grows_with_depth() -> None:
     audio = speechlike(3.0, seed=3)
     # Swap the halves of the last second: the signal there changes, the per-band statistics
