@@ -32,7 +32,7 @@ from mmtalker.geometry.uv import attach_uv
 from mmtalker.losses import LossConfig
 from mmtalker.nn.base import AnimationModel
 from mmtalker.nn.mmtalker import SPECTRAL_FEATURES
-from mmtalker.nn.speech import REGISTER_HZ, SpeechConfig
+from mmtalker.nn.speech import LIGHT_WIDTH_PER_FEATURE, REGISTER_HZ, SpeechConfig
 
 
 class TrainConfig(BaseModel):
@@ -101,11 +101,11 @@ def model_for_dataset(
     A topology stored without a UV chart gets one, computed on the training speakers' mean
     face (deterministic, so every distributed worker builds the same model). A light speech
     encoder normalises high voices' register (``speech.register_hz``, default ``REGISTER_HZ``),
-    has 1.5 channels per feature (``speech.width``) and runs its deeper stages at lower rates
-    (``speech.multirate``). With a phone loss (``losses.phones``) and a dataset with phone
-    labels, the speech encoder gets a phone readout whose posteriors the decoder reads too
-    (unless the config sets ``speech.phone_features``). An MMTalker head reads
-    ``SPECTRAL_FEATURES`` Laplacian eigenfunctions. What the config sets wins.
+    has ``LIGHT_WIDTH_PER_FEATURE`` channels per feature (``speech.width``) and runs its deeper
+    stages at lower rates (``speech.multirate``). With a phone loss (``losses.phones``) and a
+    dataset with phone labels, the speech encoder gets a phone readout whose posteriors the
+    decoder reads too (unless the config sets ``speech.phone_features``). An MMTalker head
+    reads ``SPECTRAL_FEATURES`` Laplacian eigenfunctions. What the config sets wins.
     """
     with_phones = losses is not None and losses.phones > 0
     config = new_model_config(kind, config, dataset.manifest.phone_names if with_phones else [])
@@ -131,8 +131,8 @@ def new_speech_config(speech: dict[str, Any], phones: list[str]) -> dict[str, An
     """A new model's speech settings: ``speech`` over the defaults that only new models get."""
     defaults: dict[str, Any] = {}
     if speech.get("kind", "light") == "light":
-        dim = speech.get("dim", SpeechConfig().dim)
-        defaults |= {"register_hz": REGISTER_HZ, "width": 3 * dim // 2, "multirate": True}
+        width = int(LIGHT_WIDTH_PER_FEATURE * speech.get("dim", SpeechConfig().dim))
+        defaults |= {"register_hz": REGISTER_HZ, "width": width, "multirate": True}
     if phones:
         defaults["phone_features"] = True
     speech = {**defaults, **speech}

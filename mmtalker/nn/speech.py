@@ -250,6 +250,8 @@ def _check_inputs(audio: Tensor, num_frames: int, audio_lengths: Tensor | None) 
 
 #: New light encoders' ``register_hz``: about the training voices' median pitch (117 Hz).
 REGISTER_HZ = 120.0
+#: New light encoders' ``width`` per feature channel (192 for 128; docs/accuracy.md).
+LIGHT_WIDTH_PER_FEATURE = 1.5
 #: Formants scale about as the cube root of the pitch between voices (women's lie some 17%
 #: above men's at 1.8 times the pitch); the warp stays within these factors. Raising low voices
 #: too (up to 1.25) cost the espeak-ng test split in a screen (LVE 0.171 and 0.158 against
@@ -506,18 +508,18 @@ class LightSpeechEncoder(SpeechEncoder):
         span = audio.shape[1] / (2 * self.hop)
         levels = []
         per_level = self.config.blocks_per_level
-        for index, block in enumerate(self.blocks):
-            if self.config.multirate and index and index % per_level == 0:
+        for stage, head in enumerate(self.heads):
+            if stage and self.config.multirate:
                 x, lengths = _halve_rate(x, lengths)
                 mask = _mask(lengths, x.shape[-1])[:, None]
                 span /= 2
-            x = block(x, mask)
-            if (index + 1) % per_level == 0:
-                # One zero frame past the end is what a longer item's padding shows, so output
-                # frames beyond the last feature frame's centre (a stage slower than the output)
-                # read the same alone as in a padded batch.
-                features = F.pad(x, (0, 1)).transpose(1, 2)
-                levels.append(self.heads[len(levels)](resample_frames(features, num_frames, span)))
+            for block in self.blocks[stage * per_level : (stage + 1) * per_level]:
+                x = block(x, mask)
+            # One zero frame past the end is what a longer item's padding shows, so output
+            # frames beyond the last feature frame's centre (a stage slower than the output)
+            # read the same alone as in a padded batch.
+            features = F.pad(x, (0, 1)).transpose(1, 2)
+            levels.append(head(resample_frames(features, num_frames, span)))
         return levels
 
 
