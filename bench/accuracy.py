@@ -130,7 +130,7 @@ def ensure_corpus(config: SynthConfig, path: Path) -> Dataset:
         if revision != SYNTH_REVISION:
             raise SystemExit(
                 f"error: {path} was synthesised by generator revision {revision}, not "
-                f"{SYNTH_REVISION} (its motion is timed differently); delete it (it is re-made)"
+                f"{SYNTH_REVISION}, which makes other data; delete it (it is re-made)"
             )
         return dataset
     print(f"synthesising {path} ...", file=sys.stderr, flush=True)

@@ -182,7 +182,11 @@ class EspeakSynthesizer:
 
     def variants(self) -> frozenset[str]:
         """Installed voice variants (``m1``, ``f3``, ``klatt``...), the ``+variant`` suffixes."""
-        return self._variants
+        return frozenset(self._variants)
+
+    def klatt_variants(self) -> frozenset[str]:
+        """Variants whose file selects espeak-ng's Klatt synthesiser (``klatt``, ``adam``...)."""
+        return frozenset(name for name, klatt in self._variants.items() if klatt)
 
     def synthesize(
         self,
@@ -431,16 +435,36 @@ def _english_voices(lib: ctypes.CDLL) -> dict[str, str]:
     return {code: identifier for code, (_, _, identifier) in best.items()}
 
 
-def _variants(lib: ctypes.CDLL) -> frozenset[str]:
-    """Names of the voice variants in espeak-ng-data/voices/!v (empty if it cannot be read)."""
+def _variants(lib: ctypes.CDLL) -> dict[str, bool]:
+    """The voice variants in espeak-ng-data/voices/!v, each with whether it selects the Klatt
+    synthesiser (empty if the folder cannot be read)."""
     data_path = ctypes.c_char_p()
     lib.espeak_Info(ctypes.byref(data_path))
     if not data_path.value:
-        return frozenset()
+        return {}
+    folder = os.path.join(os.fsdecode(data_path.value), "voices", "!v")
     try:
-        return frozenset(os.listdir(os.path.join(os.fsdecode(data_path.value), "voices", "!v")))
+        names = os.listdir(folder)
     except OSError:
-        return frozenset()
+        return {}
+    return {name: _selects_klatt(os.path.join(folder, name)) for name in names}
+
+
+def _selects_klatt(path: str) -> bool:
+    """Whether a variant file has a ``klatt`` line (any but ``klatt 0``): espeak-ng then renders
+    the voice with its Klatt formant synthesiser instead of its own, whatever the variant's name."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            lines = file.read().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        words = line.split("//", 1)[0].split()
+        if words[:1] == ["klatt"]:
+            # espeak-ng sets source 1 (impulsive) before reading the numbers, so a bare keyword
+            # selects Klatt too.
+            return words[1:2] != ["0"]
+    return False
 
 
 def _raw_event(event: _Event) -> _RawEvent:

@@ -8,10 +8,11 @@ Everything is deterministic by seed: each sequence draws from its own generator 
 
 Voices: with ``voice_mix`` > 0, that share of a *training* speaker's sentences is spoken by
 another espeak-ng voice from the training pool (any English voice and variant, random pitch and
-rate) so a model hears many voices, not eight; the Klatt-synthesiser variants (``+klatt``...)
-are never in that pool. ``voices`` replaces every speaker's voice by ones from a list, e.g.
-``espeak:en-us+klatt3`` or ``festival:slt`` (:mod:`mmtalker.data.festival`): with ``splits:
-[test]`` that re-voices the held-out speakers with an engine or synthesiser no model trained on.
+rate) so a model hears many voices, not eight; the variants rendered by espeak-ng's Klatt
+synthesiser (``+klatt``, and others such as ``+adam`` or ``+david``) are never in that pool.
+``voices`` replaces every speaker's voice by ones from a list, e.g. ``espeak:en-us+klatt3`` or
+``festival:slt`` (:mod:`mmtalker.data.festival`): with ``splits: [test]`` that re-voices the
+held-out speakers with an engine or synthesiser no model trained on.
 ``engine_voices`` adds other engines to training: ``engine_share`` of each training speaker's
 sentences is spoken by one of them (e.g. ``flite:awb``, :mod:`mmtalker.data.flite`), so a model
 hears speech that is not formant synthesis.
@@ -44,16 +45,18 @@ Size = Literal["tiny", "demo", "bench"]
 
 _VARIANTS = ("m1", "f2", "m3", "f4", "m2", "f1", "m4", "f3", "m5", "f5", "m6", "m7")
 _BASE_VOICES = ("en-us", "en-gb", "en-us", "en-gb-scotland")
-#: espeak-ng variants that use its Klatt synthesiser: held out of every training voice pool so
-#: they can stand in for an unheard speech engine.
+#: The plain espeak-ng variants of its Klatt synthesiser, the unheard engine of the benchmark's
+#: proxy; every variant that selects that synthesiser is held out of the training voice pool.
 KLATT_VARIANTS = ("klatt", "klatt2", "klatt3", "klatt4", "klatt5", "klatt6")
-#: Variants left out of the training pool besides Klatt: whispers carry no voicing at all.
-_EXCLUDED_VARIANTS = frozenset({*KLATT_VARIANTS, "whisper", "whisperf"})
+#: Variants left out of the training pool besides Klatt's: whispers carry no voicing at all.
+_WHISPER_VARIANTS = frozenset({"whisper", "whisperf"})
 Split = Literal["train", "val", "test"]
 #: Revision of the generator, stored with each corpus: raised whenever the same SynthConfig makes
 #: different data, so a corpus made by an older generator is recognised (2: motion sampled at
-#: frame centres, :func:`mmtalker.data.visemes.frame_times`; corpora without it are revision 1).
-SYNTH_REVISION = 2
+#: frame centres, :func:`mmtalker.data.visemes.frame_times`; corpora without it are revision 1;
+#: 3: the training pool leaves out every variant that selects the Klatt synthesiser, not only
+#: those named ``klatt``).
+SYNTH_REVISION = 3
 #: Vertices of the ICT head's full face area; ``num_vertices`` below it gives a coarse version.
 ICT_FACE_VERTICES = 9409
 #: Identity modes of the ICT head: each ICT speaker draws this many weights.
@@ -316,8 +319,9 @@ class Voices:
         self._flite: FliteSynthesizer | None = None
 
     def espeak_pool(self) -> list[str]:
-        """Training voices: every English voice with every variant but Klatt and whispers."""
-        variants = sorted(self.espeak.variants() - _EXCLUDED_VARIANTS)
+        """Training voices: every English voice with every variant but Klatt's and whispers."""
+        excluded = self.espeak.klatt_variants() | _WHISPER_VARIANTS
+        variants = sorted(self.espeak.variants() - excluded)
         return [f"{base}+{variant}" for base in self.espeak.voices() for variant in variants]
 
     def speak(self, texts: dict[int, str], choices: dict[int, VoiceChoice]) -> dict[int, Utterance]:

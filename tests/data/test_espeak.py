@@ -142,6 +142,14 @@ def test_voices_and_variants(synth: EspeakSynthesizer, hello: Utterance) -> None
     assert not np.array_equal(female.audio[:n], hello.audio[:n])
 
 
+def test_klatt_variants_are_found_by_what_their_file_selects(synth: EspeakSynthesizer) -> None:
+    klatt = synth.klatt_variants()
+    assert {"klatt", "klatt2", "klatt3", "klatt4", "klatt5", "klatt6"} <= klatt <= synth.variants()
+    assert not klatt & {"m1", "f2", "croak", "whisper"}
+    # Debian's espeak-ng ships voices under other names that select the Klatt synthesiser too.
+    assert {"adam", "david", "edward"} & synth.variants() <= klatt
+
+
 @pytest.mark.parametrize("voice", ["xx-nonsense", "fr", "en-us+nonexistent", "en-us+", ""])
 def test_unknown_voice_raises(synth: EspeakSynthesizer, voice: str) -> None:
     with pytest.raises(SynthesisError, match="unknown voice"):

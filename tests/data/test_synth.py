@@ -118,8 +118,11 @@ def test_config_rejects_too_few_training_speakers() -> None:
 def test_voice_mix_gives_training_speakers_other_voices_but_keeps_held_out_ones() -> None:
     config = SynthConfig.preset("tiny", voice_mix=0.5)
     speakers = make_speakers(config)
-    pool = Voices(config.sample_rate).espeak_pool()
+    voices = Voices(config.sample_rate)
+    pool = voices.espeak_pool()
     assert len(pool) > 100
+    variants = {voice.partition("+")[2] for voice in pool}
+    assert not variants & voices.espeak.klatt_variants()
     assert not any("klatt" in voice or "whisper" in voice for voice in pool)
     for index, speaker in enumerate(speakers):
         choices = [choose_voice(config, speaker, index, k, pool) for k in range(40)]
