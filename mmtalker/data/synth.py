@@ -364,9 +364,9 @@ def spoken_curves(
     """Each planned sentence of speaker ``index`` (its place in ``make_speakers``): its number,
     the utterance and the face's channel activations (frames, len(CHANNELS)), deterministic in
     (seed, speaker, sentence)."""
+    pool = voices.espeak_pool()
     choices = {
-        sentence: choose_voice(config, speaker, index, sentence, voices.espeak_pool())
-        for sentence in planned
+        sentence: choose_voice(config, speaker, index, sentence, pool) for sentence in planned
     }
     spoken = voices.speak({k: sentences[k] for k in planned}, choices)
     for sentence in planned:
